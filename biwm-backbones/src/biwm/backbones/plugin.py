@@ -1,0 +1,11 @@
+"""Entry point of biwm-backbones: registers the backbones whose optional dependencies are present."""
+
+from biwm.core import hookimpl
+
+
+@hookimpl
+def register_backbones(register):
+    from biwm.backbones.wan import WanOptions, build_wan
+
+    register("wan", build_wan, options=WanOptions,
+             description="Wan2.1/Wan2.2 video DiT via diffusers (presets: tiny, wan2.1-t2v-1.3b, wan2.2-ti2v-5b)")

@@ -1,0 +1,314 @@
+"""Wan2.1 / Wan2.2 through diffusers' WanTransformer3DModel and AutoencoderKLWan.
+
+The adapter reuses the diffusers module's own submodules and weights (patch embedding, rotary
+frequencies, condition embedder, blocks, output norm/projection) and only re-composes them so a
+window can carry history tokens, fractional positions, per-token timesteps and control
+embeddings. Nothing of the model is copied.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+
+from biwm.core.config import InputDir
+from biwm.core.protocols import BlockOutput
+
+from biwm.backbones.codecs import ByteTextEncoder, PixelCodec
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Exact published shapes (diffusers-format configs of the Wan-AI releases).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "transformer": dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=48,
+                            out_channels=48, text_dim=32, freq_dim=64, ffn_dim=512, num_layers=4,
+                            rope_max_seq_len=256),
+        "codec": {"kind": "pixel", "spatial_factor": 4},
+    },
+    "wan2.1-t2v-1.3b": {
+        "transformer": dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                            out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+        "codec": {"kind": "vae", "vae": dict(base_dim=96, z_dim=16, scale_factor_spatial=8, scale_factor_temporal=4)},
+    },
+    "wan2.2-ti2v-5b": {
+        "transformer": dict(patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48,
+                            out_channels=48, text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30,
+                            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+        "codec": {"kind": "vae", "vae": dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True,
+                                              in_channels=12, out_channels=12, patch_size=2,
+                                              scale_factor_spatial=16, scale_factor_temporal=4)},
+    },
+}
+_SHAPE_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "ffn_dim")
+
+
+class WanOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Literal["tiny", "wan2.1-t2v-1.3b", "wan2.2-ti2v-5b"] = Field(
+        "tiny", description="model size: tiny (CPU, random init, pixel codec) or a published Wan release")
+    weights: InputDir | None = Field(
+        None, description="local diffusers-format directory (transformer/, vae/, text_encoder/, tokenizer/); "
+                          "for tiny, a directory saved by `save_pretrained` of the transformer")
+    random_init: bool = Field(False, description="real-size preset with random weights (speed/memory benchmarks)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    gradient_checkpointing: bool = False
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description="transformer config overrides (tiny preset only)")
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> "WanOptions":
+        """Catch a wrong or mismatched weights folder when the recipe is validated, not mid-run."""
+        if self.overrides and self.preset != "tiny":
+            raise ValueError("overrides: only the tiny preset may change its shape")
+        if self.weights is not None:
+            tdir = _transformer_dir(Path(self.weights))
+            expected = {**PRESETS[self.preset]["transformer"], **self.overrides}
+            _check_shape(json.loads((tdir / "config.json").read_text()), expected, self.preset, tdir)
+        elif self.preset != "tiny" and not self.random_init:
+            raise ValueError(f"weights: preset {self.preset!r} needs a local diffusers-format directory "
+                             "(or random_init: true for speed/memory runs)")
+        return self
+
+
+class WanConfigError(ValueError):
+    pass
+
+
+def _transformer_dir(weights: Path) -> Path:
+    if not weights.is_dir():
+        raise WanConfigError(f"directory not found: {weights} "
+                             "(expected a diffusers-format Wan directory with transformer/config.json)")
+    for candidate in (weights / "transformer", weights):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise WanConfigError(f"{weights} has no transformer/config.json or "
+                         "config.json (expected a diffusers-format Wan directory)")
+
+
+def _check_shape(config: dict[str, Any], expected: dict[str, Any], preset: str, where: Path) -> None:
+    wrong = [f"{k} is {config.get(k)}, expected {expected[k]}" for k in _SHAPE_KEYS
+             if k in expected and config.get(k) != expected[k]]
+    if wrong:
+        raise WanConfigError(f"{where} does not match preset {preset!r}: "
+                             + "; ".join(wrong))
+
+
+class MaskableWanAttnProcessor:
+    """diffusers' WanAttnProcessor, plus an attention mask set per window (the blocks pass none)."""
+
+    def __init__(self) -> None:
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        self.inner = WanAttnProcessor()
+        self.mask: Tensor | None = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        mask = self.mask if attention_mask is None else attention_mask
+        return self.inner(attn, hidden_states, encoder_hidden_states, mask, rotary_emb)
+
+
+class WanVAECodec(nn.Module):
+    """AutoencoderKLWan with Wan's latent normalisation; frozen."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae.requires_grad_(False).eval()
+        cfg = vae.config
+        self.spatial_factor = cfg.scale_factor_spatial
+        self.temporal_factor = cfg.scale_factor_temporal
+        self.latent_channels = cfg.z_dim
+        self.register_buffer("mean", torch.tensor(cfg.latents_mean[: cfg.z_dim]).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.latents_std[: cfg.z_dim]).view(1, -1, 1, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def encode(self, frames: Tensor) -> Tensor:
+        z = self.vae.encode(frames.to(self.vae.dtype)).latent_dist.mode()
+        return (z.float() - self.mean) / self.std
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        z = (latents.float() * self.std + self.mean).to(self.vae.dtype)
+        return self.vae.decode(z).sample.float()
+
+    def stream_decoder(self) -> "WanStreamDecoder":
+        return WanStreamDecoder(self)
+
+
+class WanStreamDecoder:
+    """Decodes a rollout chunk by chunk, keeping the VAE's causal-conv caches between chunks so the
+    result equals decoding the whole video at once (AutoencoderKLWan's own frame loop, not reset)."""
+
+    def __init__(self, codec: WanVAECodec):
+        self.codec = codec
+        self.started = False
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        vae = self.codec.vae
+        if not self.started:
+            vae.clear_cache()
+        z = (latents.float() * self.codec.std + self.codec.mean).to(vae.dtype)
+        x = vae.post_quant_conv(z)
+        outs = []
+        for i in range(x.shape[2]):  # the VAE decoder is causal over latent frames
+            vae._conv_idx = [0]
+            outs.append(vae.decoder(x[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                    first_chunk=not self.started))
+            self.started = True
+        out = torch.cat(outs, dim=2)
+        if vae.config.patch_size is not None:
+            out = unpatchify(out, patch_size=vae.config.patch_size)
+        return out.clamp(-1, 1).float()
+
+
+class UMT5TextEncoder(nn.Module):
+    """Wan's UMT5 text encoder, loaded lazily from the weights directory; frozen."""
+
+    def __init__(self, weights: Path, max_length: int = 512):
+        super().__init__()
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        self.tokenizer = AutoTokenizer.from_pretrained(weights / "tokenizer")
+        self.encoder = UMT5EncoderModel.from_pretrained(weights / "text_encoder").requires_grad_(False).eval()
+        self.max_length = max_length
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> Tensor:
+        tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        device = next(self.encoder.parameters()).device
+        ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
+        hidden = self.encoder(ids, mask).last_hidden_state
+        return hidden * mask.unsqueeze(-1).to(hidden.dtype)  # padding is zero, as in diffusers' Wan pipeline
+
+
+class WanBackbone(nn.Module):
+    """The Backbone protocol over a diffusers WanTransformer3DModel."""
+
+    def __init__(self, transformer: nn.Module, codec: nn.Module, text_encoder: nn.Module, preset: str):
+        super().__init__()
+        self.transformer = transformer
+        self.codec = codec
+        self.text_encoder = text_encoder
+        self.preset = preset
+        cfg = transformer.config
+        self.hidden_dim = cfg.num_attention_heads * cfg.attention_head_dim
+        self.latent_channels = cfg.in_channels
+        self.patch_size = tuple(cfg.patch_size)
+        self.temporal_factor = codec.temporal_factor
+        self.spatial_factor = codec.spatial_factor
+        if codec.latent_channels != cfg.in_channels:
+            raise WanConfigError(f"transformer in_channels={cfg.in_channels} does not match the codec's "
+                                 f"{codec.latent_channels} latent channels")
+        self._processors = []
+        for block in transformer.blocks:
+            proc = MaskableWanAttnProcessor()
+            block.attn1.set_processor(proc)
+            self._processors.append(proc)
+
+    # -- Backbone protocol -------------------------------------------------------------------
+    def trainable(self) -> nn.Module:
+        return self.transformer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.patch_embedding.weight.dtype
+
+    def patch_embed(self, latents: Tensor) -> Tensor:
+        return self.transformer.patch_embedding(latents.to(self.dtype))
+
+    def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+        rope = self.transformer.rope
+        cos, sin = [], []
+        for axis, dim in enumerate((rope.t_dim, rope.h_dim, rope.w_dim)):
+            c, s = get_1d_rotary_pos_embed(dim, positions[:, axis].to(torch.float64), use_real=True,
+                                           repeat_interleave_real=True, freqs_dtype=torch.float64)
+            cos.append(c)
+            sin.append(s)
+        return torch.cat(cos, -1)[None, :, None], torch.cat(sin, -1)[None, :, None]
+
+    def run_blocks(self, tokens: Tensor, timesteps: Tensor, text: Tensor, rotary: Any,
+                   attention_mask: Tensor | None = None) -> BlockOutput:
+        tr = self.transformer
+        batch, length = timesteps.shape
+        temb, proj, text_states, _ = tr.condition_embedder(timesteps.flatten(), text.to(self.dtype), None,
+                                                           timestep_seq_len=length)
+        proj = proj.unflatten(2, (6, -1))
+        for proc in self._processors:
+            proc.mask = attention_mask
+        hidden = tokens.to(self.dtype)
+        try:
+            for block in tr.blocks:
+                if torch.is_grad_enabled() and tr.gradient_checkpointing:
+                    hidden = tr._gradient_checkpointing_func(block, hidden, text_states, proj, rotary)
+                else:
+                    hidden = block(hidden, text_states, proj, rotary)
+        finally:
+            for proc in self._processors:
+                proc.mask = None
+        return BlockOutput(hidden=hidden, temb=temb)
+
+    def unembed(self, out: BlockOutput, grid: tuple[int, int, int]) -> Tensor:
+        tr = self.transformer
+        shift, scale = (tr.scale_shift_table.unsqueeze(0) + out.temb.unsqueeze(2)).chunk(2, dim=2)
+        hidden = (tr.norm_out(out.hidden.float()) * (1 + scale.squeeze(2)) + shift.squeeze(2)).type_as(out.hidden)
+        hidden = tr.proj_out(hidden)
+        f, h, w = grid
+        pt, ph, pw = self.patch_size
+        hidden = hidden.reshape(hidden.shape[0], f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3).float()
+
+    def encode_video(self, frames: Tensor) -> Tensor:
+        return self.codec.encode(frames)
+
+    def decode_video(self, latents: Tensor) -> Tensor:
+        return self.codec.decode(latents)
+
+    def stream_decoder(self):
+        return self.codec.stream_decoder()
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> Tensor:
+        return self.text_encoder(prompts).float()
+
+
+def build_wan(options: WanOptions, **_: Any) -> WanBackbone:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    preset = PRESETS[options.preset]
+    dtype = _DTYPES[options.dtype]
+    if options.weights is not None:
+        transformer = WanTransformer3DModel.from_pretrained(_transformer_dir(Path(options.weights)), torch_dtype=dtype)
+    else:
+        transformer = WanTransformer3DModel(**{**preset["transformer"], **options.overrides}).to(dtype)
+    if options.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+
+    codec_cfg = preset["codec"]
+    if codec_cfg["kind"] == "pixel":
+        codec: nn.Module = PixelCodec(codec_cfg["spatial_factor"])
+        text_encoder: nn.Module = ByteTextEncoder(transformer.config.text_dim)
+    else:
+        weights = Path(options.weights) if options.weights is not None else None
+        if weights is not None and (weights / "vae" / "config.json").is_file():
+            vae = AutoencoderKLWan.from_pretrained(weights / "vae", torch_dtype=dtype)
+        else:
+            vae = AutoencoderKLWan(**codec_cfg["vae"]).to(dtype)
+        codec = WanVAECodec(vae)
+        if weights is not None and (weights / "text_encoder").is_dir():
+            text_encoder = UMT5TextEncoder(weights)
+        else:  # random-weight runs: a stand-in of the right width; text is encoded once per prompt anyway
+            text_encoder = ByteTextEncoder(transformer.config.text_dim, max_length=512)
+    return WanBackbone(transformer, codec, text_encoder, options.preset)

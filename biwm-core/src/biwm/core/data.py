@@ -1,0 +1,87 @@
+"""Training/evaluation data as latents: toy-world clips encoded once by the backbone's codec.
+
+``LatentClips`` keeps, per clip, latents [C, F, h, w] and a camera track at video rate aligned
+with the latent frames (``temporal_factor`` entries per latent frame; the first latent frame,
+which a causal video VAE encodes from one frame, repeats that frame's camera).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+import torch
+from safetensors.torch import load_file
+from torch import Tensor
+
+from biwm.core.camera import CameraTrack
+from biwm.core.checkpoint import atomic_save_tensors
+from biwm.core.protocols import Backbone
+from biwm.core.toyworld import ToyClips, ToyWorldConfig, render_clips, split_seeds
+
+
+def video_frames_for(latent_frames: int, temporal_factor: int) -> int:
+    return 1 + temporal_factor * (latent_frames - 1)
+
+
+def latent_aligned_camera(camera: CameraTrack, temporal_factor: int) -> CameraTrack:
+    """Video-rate track of T = 1 + tf*(F-1) frames -> F*tf frames, one group per latent frame."""
+    if temporal_factor == 1:
+        return camera
+    index = torch.cat([torch.zeros(temporal_factor - 1, dtype=torch.long), torch.arange(camera.num_frames)])
+    return camera.frames(index.to(camera.c2w.device))
+
+
+@dataclass
+class LatentClips:
+    latents: Tensor  # [N, C, F, h, w]
+    camera: CameraTrack  # [N, F * tf] video rate, latent-aligned
+    frames: Tensor | None  # [N, T, 3, H, W] uint8 ground truth (evaluation)
+    seeds: list[int]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_latent_frames(self) -> int:
+        return self.latents.shape[2]
+
+
+@torch.no_grad()
+def encode_clips(clips: ToyClips, backbone: Backbone, batch_size: int = 16, device: torch.device | str = "cpu",
+                 keep_frames: bool = False) -> LatentClips:
+    tf = backbone.temporal_factor
+    n, t = clips.frames.shape[:2]
+    if (t - 1) % tf:
+        raise ValueError(f"clips have {t} frames; a codec with temporal factor {tf} needs 1 + {tf}*k frames")
+    out = []
+    for i in range(0, n, batch_size):
+        video = clips.frames[i:i + batch_size].to(device).float().div(127.5).sub(1).transpose(1, 2)
+        out.append(backbone.encode_video(video).float().cpu())
+    return LatentClips(torch.cat(out), latent_aligned_camera(clips.camera, tf),
+                       clips.frames if keep_frames else None, list(clips.seeds))
+
+
+def toyworld_latents(split: str, count: int, latent_frames: int, config: ToyWorldConfig, backbone: Backbone,
+                     cache_dir: Path | None, cache_key: str, device: torch.device | str = "cpu",
+                     keep_frames: bool = False) -> LatentClips:
+    """Render + encode toy-world clips, cached as safetensors under ``cache_dir`` by content key."""
+    frames = video_frames_for(latent_frames, backbone.temporal_factor)
+    key = hashlib.sha256(json.dumps([split, count, frames, config.model_dump(mode="json"), cache_key],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir / f"{split}-{key}.safetensors" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        t = load_file(str(path))
+        camera = CameraTrack(t["c2w"], t["intrinsics"], t["actions"])
+        return LatentClips(t["latents"], camera, t.get("frames"), t["seeds"].tolist())
+    seeds = split_seeds(split, count)  # type: ignore[arg-type]
+    clips = render_clips(seeds, frames, config, device=device).to("cpu")
+    data = encode_clips(clips, backbone, device=device, keep_frames=keep_frames)
+    if path is not None:
+        tensors = {"latents": data.latents, "c2w": data.camera.c2w, "intrinsics": data.camera.intrinsics,
+                   "actions": data.camera.actions, "seeds": torch.tensor(data.seeds, dtype=torch.long)}
+        if data.frames is not None:
+            tensors["frames"] = data.frames
+        atomic_save_tensors(tensors, path)
+    return data

@@ -1,0 +1,145 @@
+"""The five plugin protocols and the data structures they exchange.
+
+Keep them small: the window engine (``biwm.core.window``) composes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from biwm.core.camera import CameraTrack
+
+AttentionMode = Literal["bidirectional", "causal"]
+
+
+@dataclass
+class BlockOutput:
+    """Hidden states after the transformer blocks plus what un-embedding needs."""
+
+    hidden: Tensor  # [B, L, D]
+    temb: Tensor  # [B, L, D] per-token timestep embedding
+
+
+@dataclass
+class HistoryTokens:
+    """Compressed history: embedded tokens (control already added) and their positions."""
+
+    tokens: Tensor  # [B, L, D]
+    positions: Tensor  # [L, 3] float (frame, row, col) in latent-patch units
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[1]
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """A pretrained video DiT + latent codec + text encoder, at the level BiWM needs."""
+
+    hidden_dim: int
+    latent_channels: int
+    patch_size: tuple[int, int, int]
+    temporal_factor: int  # video frames per latent frame (after the first)
+    spatial_factor: int  # pixels per latent pixel
+
+    def trainable(self) -> nn.Module: ...
+
+    def patch_embed(self, latents: Tensor) -> Tensor:
+        """[B, C, F, h, w] -> [B, D, F/pt, h/ph, w/pw] with the backbone's own patch embedding."""
+
+    def rotary(self, positions: Tensor) -> Any:
+        """Rotary embedding for arbitrary (also fractional) [L, 3] (frame, row, col) positions."""
+
+    def run_blocks(self, tokens: Tensor, timesteps: Tensor, text: Tensor, rotary: Any,
+                   attention_mask: Tensor | None = None) -> BlockOutput:
+        """Transformer blocks on [B, L, D] with per-token timesteps [B, L]."""
+
+    def unembed(self, out: BlockOutput, grid: tuple[int, int, int]) -> Tensor:
+        """Output tokens (in grid order) -> latents [B, C, F, h, w]."""
+
+    def encode_video(self, frames: Tensor) -> Tensor:
+        """Frames [B, 3, T, H, W] in [-1, 1] -> latents [B, C, F, h, w]."""
+
+    def decode_video(self, latents: Tensor) -> Tensor:
+        """Latents -> frames [B, 3, T, H, W] in [-1, 1]."""
+
+    def stream_decoder(self) -> "StreamDecoder": ...
+
+    def encode_text(self, prompts: list[str]) -> Tensor: ...
+
+
+class StreamDecoder(Protocol):
+    """Decodes a rollout chunk by chunk; carries whatever state the codec needs across chunks."""
+
+    def decode(self, latents: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class ControlInjector(Protocol):
+    """Camera/action control -> embeddings added to the patch tokens (zero-initialised)."""
+
+    def forward(self, camera: "CameraTrack", grid: tuple[int, int, int], backbone: Backbone) -> Tensor:
+        """Video-rate camera for ``grid[0]`` latent frames -> [B, D, F, h', w'] aligned with patch tokens."""
+
+
+@runtime_checkable
+class HistoryCompressor(Protocol):
+    """History latents -> a bounded number of history tokens with positions."""
+
+    def compress(self, latents: Tensor, frame_index: Tensor, control: Tensor | None,
+                 backbone: Backbone) -> HistoryTokens:
+        """``latents`` [B, C, F, h, w] clean history frames read (see ``frames_needed``) at
+        latent-frame positions ``frame_index`` [F]; ``control`` the control embeddings of those
+        frames at token resolution [B, D, F, h', w'] or None."""
+
+    def frames_needed(self, history_length: int) -> slice:
+        """Which history latent frames the compressor reads (so callers embed only those)."""
+
+    def token_budget(self, history_length: int, grid_hw: tuple[int, int]) -> int: ...
+
+
+@runtime_checkable
+class DistillLoss(Protocol):
+    """A term of the stage-2 objective (DMD, GAN, forward-KL)."""
+
+    def generator_loss(self, **batch: Any) -> Tensor | None: ...
+
+    def critic_loss(self, **batch: Any) -> Tensor | None: ...
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """Converts a model's linear layers for training or inference."""
+
+    def convert(self, module: nn.Module, *, training: bool) -> nn.Module: ...
+
+    def requirements(self) -> str: ...
+
+
+def parameters_of(*modules: nn.Module | None) -> Iterator[nn.Parameter]:
+    for module in modules:
+        if module is not None:
+            yield from module.parameters()
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters so the control branch starts as a no-op."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def grid_positions(frames: Tensor | int, height: int, width: int, device: torch.device | str = "cpu") -> Tensor:
+    """[F*h*w, 3] float (frame, row, col) positions of a token grid, in the patch-embedding order."""
+    if isinstance(frames, int):
+        frames = torch.arange(frames, device=device)
+    frames = frames.to(device=device, dtype=torch.float64)
+    rows = torch.arange(height, device=device, dtype=torch.float64)
+    cols = torch.arange(width, device=device, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(frames, rows, cols, indexing="ij"), dim=-1)
+    return grid.reshape(-1, 3)

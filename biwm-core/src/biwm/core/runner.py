@@ -1,0 +1,118 @@
+"""Runs a validated recipe: one folder per stage under ``run_dir``, each with its checkpoint,
+a recipe snapshot and metrics.json; ``run_dir/metrics.json`` merges every stage's metrics."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from biwm.core.checkpoint import atomic_write_text
+from biwm.core.plugins import get_plugin_manager
+from biwm.core.recipe import Recipe
+from biwm.core.stages import STAGE_RUNNERS
+from biwm.core.window import WorldModel
+
+DONE_MARKER = "DONE"
+
+
+@contextmanager
+def progress_bar(console: Console, description: str, total: int, completed: int = 0) -> Iterator[Any]:
+    """A rich progress bar; when output is not a terminal (logs, CI) a plain line every ~10%."""
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    state = {"done": completed, "start": time.time(), "every": max(1, total // 10)}
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(description, total=total, completed=completed, info="")
+
+        def update(advance: int = 1, **info: Any) -> None:
+            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
+            progress.update(task, advance=advance, info=text)
+            state["done"] += advance
+            if not console.is_terminal and advance and state["done"] % state["every"] == 0:
+                rate = (time.time() - state["start"]) / max(1, state["done"] - completed)
+                console.print(f"{description} {state['done']}/{total} {text} ({rate:.3f} s/it)", highlight=False)
+
+        yield update
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    run_dir: Path
+    resume: bool = False
+    console: Console = field(default_factory=Console)
+    previous_weights: Path | None = None  # model.safetensors of the last finished training stage
+    metrics: dict[str, Any] = field(default_factory=dict)
+    _accelerator: Any = None
+
+    @property
+    def accelerator(self):
+        if self._accelerator is None:
+            from accelerate import Accelerator
+
+            self._accelerator = Accelerator()
+            if self._accelerator.device.type == "cuda":
+                torch.backends.cuda.matmul.allow_tf32 = True  # fp32 master weights, TF32 matmuls
+                torch.backends.cudnn.allow_tf32 = True
+        return self._accelerator
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def build_world_model(self) -> WorldModel:
+        pm = get_plugin_manager()
+        model = self.recipe.model
+        resolved = self.recipe.resolved
+        backbone = pm.get("backbone", model.backbone.name).create(resolved["model.backbone"])
+        controls = {ref.name: pm.get("control", ref.name).create(resolved[f"model.controls[{i}]"], backbone=backbone)
+                    for i, ref in enumerate(model.controls)}
+        compressor = pm.get("compressor", model.compressor.name).create(resolved["model.compressor"], backbone=backbone)
+        return WorldModel(backbone, controls, compressor)
+
+    def cache_key(self) -> str:
+        m = self.recipe.model.backbone
+        return json.dumps([m.name, self.recipe.resolved["model.backbone"].model_dump(mode="json")], sort_keys=True)
+
+
+def run_recipe(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    run_dir = Path(recipe.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    ctx = RunContext(recipe=recipe, run_dir=run_dir, resume=resume, console=console)
+    counts: dict[str, int] = {}
+    for index, stage in enumerate(recipe.stages):
+        counts[stage.stage] = counts.get(stage.stage, 0) + 1
+        name = stage.stage if counts[stage.stage] == 1 else f"{stage.stage}{counts[stage.stage]}"
+        stage_dir = run_dir / name
+        done = stage_dir / DONE_MARKER
+        if resume and done.is_file():
+            console.print(f"[green]✓[/] {name}: already finished, skipping (--resume)")
+            stage_metrics = json.loads((stage_dir / "metrics.json").read_text())
+        else:
+            console.rule(f"stage {index + 1}/{len(recipe.stages)}: {name}")
+            if done.exists():
+                done.unlink()
+            module_name, func = STAGE_RUNNERS[stage.stage].split(":")
+            runner = getattr(importlib.import_module(module_name), func)
+            stage_metrics = runner(ctx, stage, stage_dir) or {}
+            atomic_write_text(stage_dir / "metrics.json", json.dumps(stage_metrics, indent=2))
+            atomic_write_text(stage_dir / "stage.yaml", yaml.safe_dump(stage.model_dump(mode="json"), sort_keys=False))
+            atomic_write_text(done, "")
+        if (stage_dir / "model.safetensors").is_file():
+            ctx.previous_weights = stage_dir / "model.safetensors"
+        ctx.metrics.update({k: v for k, v in stage_metrics.items() if not isinstance(v, (dict, list))})
+        ctx.metrics.setdefault("stages", {})[name] = stage_metrics
+        atomic_write_text(run_dir / "metrics.json", json.dumps(ctx.metrics, indent=2))
+    return ctx.metrics

@@ -1,0 +1,34 @@
+"""Helpers shared by the stages: building the model from the previous stage, seeding, text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file
+
+from biwm.core.checkpoint import load_module_state
+from biwm.core.window import WorldModel
+
+if TYPE_CHECKING:
+    from biwm.core.runner import RunContext
+
+
+def load_world_model(ctx: "RunContext", init: Path | None = None, strict: bool = True) -> WorldModel:
+    """The recipe's model, with weights from ``init`` or else the previous training stage."""
+    world = ctx.build_world_model()
+    source = init or ctx.previous_weights
+    if source is not None:
+        report = load_module_state(world.trainable_modules(), load_file(str(source)), strict=strict, source=str(source))
+        for kind, names in report.items():
+            if names:
+                ctx.console.print(f"[yellow]init {source}: {len(names)} {kind}[/] ({', '.join(names[:4])}"
+                                  f"{' ...' if len(names) > 4 else ''})")
+    return world
+
+
+def text_embeddings(world: WorldModel, prompt: str, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    text = world.backbone.encode_text([prompt]).to(device)
+    null = world.backbone.encode_text([""]).to(device)
+    return text.expand(batch, -1, -1), null

@@ -1,0 +1,133 @@
+"""Stage ``generate``: roll out held-out toy-world trajectories chunk by chunk from their true
+history, with the true actions and (baseline) with another trajectory's actions, and score the
+continuations against the ground truth. Writes mp4s (truth | correct | shuffled) and a PNG strip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from biwm.core.config import InputFile, Strict
+
+
+class GenerateConfig(Strict):
+    stage: Literal["generate"] = "generate"
+    trajectories: int = Field(4, ge=1, description="held-out trajectories to roll out")
+    history_frames: int = Field(4, ge=1, description="true history latent frames given to the model")
+    chunks: int = Field(3, ge=1)
+    chunk_frames: int = Field(4, ge=1, description="latent frames per chunk (K)")
+    steps: int = Field(20, ge=1, description="denoising steps per chunk")
+    shift: float = Field(3.0, gt=0)
+    cfg_scale: float = Field(1.0, ge=0, description="classifier-free guidance on text and control (1 = off)")
+    shuffled_baseline: bool = Field(True, description="also roll out with another trajectory's actions")
+    keys: str | None = Field(None, description="also roll out this key string (e.g. 'w*8,j*4') from the first held-out scene")
+    attention: Literal["bidirectional", "causal"] = "bidirectional"
+    fps: int = Field(8, ge=1)
+    write_videos: bool = Field(True, description="write mp4s and the PNG strip (metrics only if false)")
+    seed: int = 0
+    init: InputFile | None = Field(None, description="biwm model.safetensors to generate with (default: previous stage)")
+
+    def check(self, recipe) -> list[str]:
+        from biwm.core.camera import parse_keys
+
+        if self.keys is not None:
+            try:
+                parse_keys(self.keys)
+            except ValueError as exc:
+                return [f"keys: {exc}"]
+        return []
+
+
+def shuffled_camera(camera, history_video_frames: int, config):
+    """Each trajectory's continuation driven by the next trajectory's actions, integrated from its own
+    last history pose (so the history is identical and only the commanded motion differs)."""
+    from biwm.core.camera import CameraTrack, actions_to_poses
+
+    actions = camera.actions.clone()
+    actions[:, history_video_frames:] = camera.actions.roll(1, dims=0)[:, history_video_frames:]
+    c2w = camera.c2w.clone()
+    c2w[:, history_video_frames:] = actions_to_poses(actions[:, history_video_frames:],
+                                                      camera.c2w[:, history_video_frames - 1],
+                                                      config.move_step, config.turn_step_deg)
+    return CameraTrack(c2w, camera.intrinsics, actions)
+
+
+def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
+    from biwm.core.camera import CameraTrack, actions_to_poses, parse_keys
+    from biwm.core.data import latent_aligned_camera, toyworld_latents, video_frames_for
+    from biwm.core.metrics import psnr
+    from biwm.core.rollout import rollout
+    from biwm.core.stages.common import load_world_model, text_embeddings
+    from biwm.core.video import write_mp4, write_strip
+
+    recipe = ctx.recipe
+    device = ctx.device
+    world = load_world_model(ctx, init=cfg.init).to(device).eval()
+    bb = world.backbone
+    tf = bb.temporal_factor
+    h_lat = cfg.history_frames
+    total_lat = h_lat + cfg.chunks * cfg.chunk_frames
+    with ctx.console.status(f"rendering {cfg.trajectories} held-out trajectories"):
+        data = toyworld_latents("heldout", cfg.trajectories, total_lat, recipe.data.toyworld, bb,
+                                ctx.run_dir / "cache", ctx.cache_key(), device=device, keep_frames=True)
+    n = len(data)
+    text, null_text = text_embeddings(world, recipe.data.prompt, n, device)
+    history = data.latents[:, :, :h_lat].to(device)
+    raw_camera = data.camera.frames(slice(tf - 1, None))  # video rate, T = 1 + tf*(F-1)
+    h_video = video_frames_for(h_lat, tf)
+    truth = data.frames[:, h_video:]  # [N, T', 3, H, W] uint8
+
+    def to_uint8(x: torch.Tensor) -> torch.Tensor:
+        return x if x.dtype == torch.uint8 else ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+    def generate(camera: CameraTrack, label: str, rows: slice = slice(None)) -> torch.Tensor:
+        text_rows, history_rows = text[rows], history[rows]
+        gen = torch.Generator().manual_seed(cfg.seed)
+        decoder = bb.stream_decoder()
+        decoder.decode(history_rows)  # prime streaming state with the true history
+        pieces = []
+        with ctx.console.status(f"rollout ({label}): {cfg.chunks} chunks x {cfg.steps} steps"):
+            rollout(world, text_rows, null_text, history_rows, latent_aligned_camera(camera, tf).to(device), cfg.chunks,
+                    cfg.chunk_frames, cfg.steps, cfg.shift, cfg.cfg_scale, gen, cfg.attention,
+                    on_chunk=lambda i, x: pieces.append(decoder.decode(x).cpu()))
+        return torch.cat(pieces, dim=2).transpose(1, 2)  # [N, T', 3, H, W] in [-1, 1]
+
+    correct = generate(raw_camera, "correct actions")
+    metrics = {"psnr_correct_actions": float(psnr(correct, truth).mean()),
+               "psnr_correct_per_trajectory": psnr(correct, truth).tolist()}
+    rows = {"truth": truth, "correct": correct}
+    if cfg.shuffled_baseline and n > 1:
+        shuffled = generate(shuffled_camera(raw_camera, h_video, recipe.data.toyworld), "shuffled actions")
+        metrics["psnr_shuffled_actions"] = float(psnr(shuffled, truth).mean())
+        metrics["psnr_shuffled_per_trajectory"] = psnr(shuffled, truth).tolist()
+        rows["shuffled"] = shuffled
+    metrics.update(trajectories=n, history_latent_frames=h_lat, chunks=cfg.chunks, steps=cfg.steps,
+                   cfg_scale=cfg.cfg_scale)
+
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    past = data.frames[:, :h_video]
+    ctx.console.print(f"generate: PSNR correct actions {metrics['psnr_correct_actions']:.2f} dB"
+                      + (f", shuffled {metrics['psnr_shuffled_actions']:.2f} dB" if "psnr_shuffled_actions" in metrics else ""))
+    if not cfg.write_videos:
+        return metrics
+    for i in range(n):
+        # side by side: truth | correct | shuffled, after the shared true history
+        video = torch.cat([torch.cat([past[i], to_uint8(rows[k][i])]) for k in rows], dim=-1)
+        write_mp4(stage_dir / f"trajectory_{i}.mp4", video, fps=cfg.fps, scale=4)
+    write_strip(stage_dir / "strip.png", [torch.cat([past[0], to_uint8(rows[k][0])]) for k in rows])
+    if cfg.keys is not None:
+        keys = parse_keys(cfg.keys).to(raw_camera.c2w.device)
+        frames = min(len(keys), truth.shape[1])
+        first = raw_camera.select(slice(0, 1))
+        actions = first.actions.clone()
+        actions[0, h_video:h_video + frames] = keys[:frames]
+        c2w = first.c2w.clone()
+        c2w[:, h_video:h_video + frames] = actions_to_poses(actions[:, h_video:h_video + frames], first.c2w[:, h_video - 1],
+                                                            recipe.data.toyworld.move_step, recipe.data.toyworld.turn_step_deg)
+        keyed = generate(CameraTrack(c2w, first.intrinsics, actions), f"keys {cfg.keys}", slice(0, 1))
+        write_mp4(stage_dir / "keys.mp4", torch.cat([past[0], to_uint8(keyed[0])]), fps=cfg.fps, scale=4)
+        metrics["keys"] = cfg.keys
+    return metrics

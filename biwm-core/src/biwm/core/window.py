@@ -1,0 +1,127 @@
+"""The window: the one structure training, rollout and evaluation share.
+
+A window holds the clean history latents (frames 0..H-1), the noisy chunk (frames H..H+K-1),
+one camera track covering both, text conditioning and the attention mode. ``WorldModel``
+turns it into a token sequence (compressed history + chunk), runs the backbone with per-token
+timesteps (history 0) and un-embeds the chunk's tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from biwm.core.camera import CameraTrack
+from biwm.core.protocols import AttentionMode, Backbone, HistoryTokens, grid_positions
+
+
+@dataclass
+class Window:
+    text: Tensor  # [B, Lt, Dt]
+    chunk: Tensor  # [B, C, K, h, w] noisy latents
+    timestep: Tensor  # [B] in [0, 1000]
+    history: Tensor | None = None  # [B, C, H, h, w] clean latents, H may be 0
+    camera: CameraTrack | None = None  # video rate, (H + K) * temporal_factor frames
+    control_mask: Tensor | None = None  # [B] 1 keeps control, 0 drops it (classifier-free guidance)
+    attention: AttentionMode = "bidirectional"
+
+    @property
+    def history_length(self) -> int:
+        return 0 if self.history is None else self.history.shape[2]
+
+    def with_chunk(self, chunk: Tensor, timestep: Tensor) -> "Window":
+        return replace(self, chunk=chunk, timestep=timestep)
+
+
+def relative_to_frame(camera: CameraTrack, frame: int) -> CameraTrack:
+    """Poses expressed in the camera frame of video frame ``frame`` (egocentric control that
+    does not drift with the length of a rollout)."""
+    ref = camera.c2w[:, frame : frame + 1]
+    return CameraTrack(torch.linalg.inv(ref) @ camera.c2w, camera.intrinsics, camera.actions)
+
+
+def causal_mask(positions: Tensor, history_tokens: int) -> Tensor:
+    """Boolean [L, L] mask of the causal baseline: history never sees the chunk; a chunk token sees
+    history and chunk frames up to its own."""
+    frame = positions[:, 0]
+    mask = frame[None, :] <= frame[:, None]
+    mask[:history_tokens, :history_tokens] = True
+    mask[:history_tokens, history_tokens:] = False
+    return mask
+
+
+class WorldModel(nn.Module):
+    """Backbone + control injectors + history compressor, composed per window."""
+
+    def __init__(self, backbone: Backbone, controls: dict[str, nn.Module], compressor: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.controls = nn.ModuleDict(controls)
+        self.compressor = compressor
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """What checkpoints hold: the transformer, the controls, the compressor (not the codec)."""
+        return {"transformer": self.backbone.trainable(), "controls": self.controls, "compressor": self.compressor}
+
+    def control_embedding(self, camera: CameraTrack | None, frames: Tensor, grid: tuple[int, int, int],
+                          mask: Tensor | None) -> Tensor | None:
+        """Sum of all injectors for latent ``frames`` of the window, [B, D, F, h', w']."""
+        if not len(self.controls) or camera is None:
+            return None
+        tf = self.backbone.temporal_factor
+        video_index = (frames[:, None] * tf + torch.arange(tf, device=frames.device)).flatten()
+        sub = camera.frames(video_index)
+        total = sum(control(sub, grid, self.backbone) for control in self.controls.values())
+        if mask is not None:
+            total = total * mask.to(total.dtype).view(-1, 1, 1, 1, 1)
+        return total
+
+    def history_tokens(self, window: Window, camera: CameraTrack | None, hw: tuple[int, int]) -> HistoryTokens | None:
+        length = window.history_length
+        if length == 0:
+            return None
+        sl = self.compressor.frames_needed(length)
+        device = window.chunk.device
+        frames = torch.arange(sl.start, sl.stop, device=device)
+        control = self.control_embedding(camera, frames, (len(frames), *hw), window.control_mask)
+        return self.compressor.compress(window.history[:, :, sl], frames, control, self.backbone)
+
+    def forward(self, window: Window) -> Tensor:
+        """Velocity prediction for the window's chunk, [B, C, K, h, w]."""
+        bb = self.backbone
+        tf = bb.temporal_factor
+        k = window.chunk.shape[2]
+        start = window.history_length
+        camera = None
+        if window.camera is not None:
+            if window.camera.num_frames != (start + k) * tf:
+                raise ValueError(f"window camera has {window.camera.num_frames} frames, expected "
+                                 f"{(start + k) * tf} for {start} history + {k} chunk latent frames")
+            camera = relative_to_frame(window.camera, start * tf)
+
+        chunk_tokens = bb.patch_embed(window.chunk)  # [B, D, K', h', w']
+        grid = tuple(chunk_tokens.shape[2:])
+        chunk_frames = torch.arange(start, start + grid[0], device=window.chunk.device)
+        control = self.control_embedding(camera, chunk_frames, grid, window.control_mask)
+        if control is not None:
+            chunk_tokens = chunk_tokens + control.to(chunk_tokens.dtype)
+        chunk_seq = chunk_tokens.flatten(2).transpose(1, 2)
+        chunk_pos = grid_positions(chunk_frames * 1.0, grid[1], grid[2], device=chunk_seq.device)
+
+        history = self.history_tokens(window, camera, grid[1:])
+        batch = chunk_seq.shape[0]
+        t_chunk = window.timestep.to(chunk_seq.device, torch.float32)[:, None].expand(batch, chunk_seq.shape[1])
+        if history is None:
+            seq, positions, timesteps, n_hist = chunk_seq, chunk_pos, t_chunk, 0
+        else:
+            n_hist = history.length
+            seq = torch.cat([history.tokens.to(chunk_seq.dtype), chunk_seq], dim=1)
+            positions = torch.cat([history.positions, chunk_pos], dim=0)
+            timesteps = torch.cat([t_chunk.new_zeros(batch, n_hist), t_chunk], dim=1)
+
+        mask = causal_mask(positions, n_hist) if window.attention == "causal" else None
+        out = bb.run_blocks(seq, timesteps, window.text, bb.rotary(positions), attention_mask=mask)
+        out = type(out)(hidden=out.hidden[:, n_hist:], temb=out.temb[:, n_hist:])
+        return bb.unembed(out, grid)
