@@ -26,7 +26,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 # Exact published shapes (diffusers-format configs of the Wan-AI releases).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
-        "transformer": dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=48,
+        # width 256 >= the 192 values a token covers (48 channels x 2x2 patch): a narrower model cannot
+        # carry the noise through, and v-prediction then leaves residual noise in every sample
+        "transformer": dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=48,
                             out_channels=48, text_dim=32, freq_dim=64, ffn_dim=512, num_layers=4,
                             rope_max_seq_len=256),
         "codec": {"kind": "pixel", "spatial_factor": 4},
@@ -240,11 +242,15 @@ class WanBackbone(nn.Module):
         return torch.cat(cos, -1)[None, :, None], torch.cat(sin, -1)[None, :, None]
 
     def run_blocks(self, tokens: Tensor, timesteps: Tensor, text: Tensor, rotary: Any,
-                   attention_mask: Tensor | None = None) -> BlockOutput:
+                   attention_mask: Tensor | None = None, modulation: Tensor | None = None) -> BlockOutput:
         tr = self.transformer
         batch, length = timesteps.shape
-        temb, proj, text_states, _ = tr.condition_embedder(timesteps.flatten(), text.to(self.dtype), None,
-                                                           timestep_seq_len=length)
+        embedder = tr.condition_embedder
+        temb, proj, text_states, _ = embedder(timesteps.flatten(), text.to(self.dtype), None,
+                                              timestep_seq_len=length)
+        if modulation is not None:  # control joins the timestep embedding before its projection
+            temb = temb + modulation.to(temb.dtype)
+            proj = embedder.time_proj(embedder.act_fn(temb))
         proj = proj.unflatten(2, (6, -1))
         for proc in self._processors:
             proc.mask = attention_mask

@@ -27,10 +27,11 @@ class LastFrames(nn.Module):
         return (sl.stop - sl.start) * grid_hw[0] * grid_hw[1]
 
     def compress(self, latents: Tensor, frame_index: Tensor, control: Tensor | None,
-                 backbone: Backbone) -> HistoryTokens:
+                 backbone: Backbone, modulation: Tensor | None = None) -> HistoryTokens:
         tokens = backbone.patch_embed(latents)
         if control is not None:
             tokens = tokens + control.to(tokens.dtype)
         _, _, f, h, w = tokens.shape
         return HistoryTokens(tokens.flatten(2).transpose(1, 2),
-                             grid_positions(frame_index * 1.0, h, w, device=tokens.device))
+                             grid_positions(frame_index * 1.0, h, w, device=tokens.device),
+                             None if modulation is None else modulation.flatten(2).transpose(1, 2))

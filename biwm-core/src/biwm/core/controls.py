@@ -8,6 +8,8 @@ frame (see ``biwm.core.window``).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
@@ -22,7 +24,9 @@ class PluckerOptions(BaseModel):
 
 class PluckerControl(nn.Module):
     """Plücker rays at latent resolution, the frames of a latent frame stacked (6*tf channels),
-    patchified like the tokens, then a zero-initialised projection to the model width."""
+    patchified like the tokens, then a zero-initialised projection added to the tokens."""
+
+    target = "tokens"
 
     def __init__(self, options: PluckerOptions, backbone: Backbone):
         super().__init__()
@@ -45,14 +49,18 @@ class PluckerControl(nn.Module):
 class ActionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hidden: int = Field(64, ge=1, description="per-frame action embedding width")
+    target: Literal["modulation", "tokens"] = Field(
+        "modulation", description="add to the timestep embedding (AdaLN of every block) or to the tokens")
 
 
 class ActionControl(nn.Module):
     """One learned vector per discrete action and video frame, concatenated per latent frame and
-    projected (zero-initialised) to the model width, added to every token of that frame."""
+    projected (zero-initialised) to the model width, for every token of that frame. By default it
+    joins the timestep embedding, so it scales and shifts every block like the noise level does."""
 
     def __init__(self, options: ActionOptions, backbone: Backbone):
         super().__init__()
+        self.target = options.target
         tf = backbone.temporal_factor
         self.embed = nn.Embedding(NUM_ACTIONS, options.hidden)
         self.mix = nn.Sequential(nn.Linear(tf * options.hidden, options.hidden), nn.SiLU())

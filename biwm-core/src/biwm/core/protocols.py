@@ -31,6 +31,7 @@ class HistoryTokens:
 
     tokens: Tensor  # [B, L, D]
     positions: Tensor  # [L, 3] float (frame, row, col) in latent-patch units
+    modulation: Tensor | None = None  # [B, L, D] control added to the timestep embedding, or None
 
     @property
     def length(self) -> int:
@@ -56,8 +57,9 @@ class Backbone(Protocol):
         """Rotary embedding for arbitrary (also fractional) [L, 3] (frame, row, col) positions."""
 
     def run_blocks(self, tokens: Tensor, timesteps: Tensor, text: Tensor, rotary: Any,
-                   attention_mask: Tensor | None = None) -> BlockOutput:
-        """Transformer blocks on [B, L, D] with per-token timesteps [B, L]."""
+                   attention_mask: Tensor | None = None, modulation: Tensor | None = None) -> BlockOutput:
+        """Transformer blocks on [B, L, D] with per-token timesteps [B, L]; ``modulation`` [B, L, D] is
+        added to the per-token timestep embedding (AdaLN conditioning)."""
 
     def unembed(self, out: BlockOutput, grid: tuple[int, int, int]) -> Tensor:
         """Output tokens (in grid order) -> latents [B, C, F, h, w]."""
@@ -81,7 +83,10 @@ class StreamDecoder(Protocol):
 
 @runtime_checkable
 class ControlInjector(Protocol):
-    """Camera/action control -> embeddings added to the patch tokens (zero-initialised)."""
+    """Camera/action control -> embeddings added to the patch tokens or, with ``target ==
+    "modulation"``, to the per-token timestep embedding (zero-initialised either way)."""
+
+    target: Literal["tokens", "modulation"]
 
     def forward(self, camera: "CameraTrack", grid: tuple[int, int, int], backbone: Backbone) -> Tensor:
         """Video-rate camera for ``grid[0]`` latent frames -> [B, D, F, h', w'] aligned with patch tokens."""
@@ -92,10 +97,11 @@ class HistoryCompressor(Protocol):
     """History latents -> a bounded number of history tokens with positions."""
 
     def compress(self, latents: Tensor, frame_index: Tensor, control: Tensor | None,
-                 backbone: Backbone) -> HistoryTokens:
+                 backbone: Backbone, modulation: Tensor | None = None) -> HistoryTokens:
         """``latents`` [B, C, F, h, w] clean history frames read (see ``frames_needed``) at
-        latent-frame positions ``frame_index`` [F]; ``control`` the control embeddings of those
-        frames at token resolution [B, D, F, h', w'] or None."""
+        latent-frame positions ``frame_index`` [F]; ``control`` / ``modulation`` the token- and
+        modulation-targeted control of those frames at token resolution [B, D, F, h', w'] or None,
+        to be pooled exactly like the tokens."""
 
     def frames_needed(self, history_length: int) -> slice:
         """Which history latent frames the compressor reads (so callers embed only those)."""

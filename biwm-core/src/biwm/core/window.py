@@ -66,17 +66,21 @@ class WorldModel(nn.Module):
         return {"transformer": self.backbone.trainable(), "controls": self.controls, "compressor": self.compressor}
 
     def control_embedding(self, camera: CameraTrack | None, frames: Tensor, grid: tuple[int, int, int],
-                          mask: Tensor | None) -> Tensor | None:
-        """Sum of all injectors for latent ``frames`` of the window, [B, D, F, h', w']."""
+                          mask: Tensor | None) -> dict[str, Tensor | None]:
+        """Sum of the injectors for latent ``frames`` of the window, per target ("tokens",
+        "modulation"), each [B, D, F, h', w'] or None."""
+        out: dict[str, Tensor | None] = {"tokens": None, "modulation": None}
         if not len(self.controls) or camera is None:
-            return None
+            return out
         tf = self.backbone.temporal_factor
         video_index = (frames[:, None] * tf + torch.arange(tf, device=frames.device)).flatten()
         sub = camera.frames(video_index)
-        total = sum(control(sub, grid, self.backbone) for control in self.controls.values())
-        if mask is not None:
-            total = total * mask.to(total.dtype).view(-1, 1, 1, 1, 1)
-        return total
+        for control in self.controls.values():
+            emb = control(sub, grid, self.backbone)
+            if mask is not None:
+                emb = emb * mask.to(emb.dtype).view(-1, 1, 1, 1, 1)
+            out[control.target] = emb if out[control.target] is None else out[control.target] + emb
+        return out
 
     def history_tokens(self, window: Window, camera: CameraTrack | None, hw: tuple[int, int]) -> HistoryTokens | None:
         length = window.history_length
@@ -86,7 +90,8 @@ class WorldModel(nn.Module):
         device = window.chunk.device
         frames = torch.arange(sl.start, sl.stop, device=device)
         control = self.control_embedding(camera, frames, (len(frames), *hw), window.control_mask)
-        return self.compressor.compress(window.history[:, :, sl], frames, control, self.backbone)
+        return self.compressor.compress(window.history[:, :, sl], frames, control["tokens"], self.backbone,
+                                        modulation=control["modulation"])
 
     def forward(self, window: Window) -> Tensor:
         """Velocity prediction for the window's chunk, [B, C, K, h, w]."""
@@ -105,23 +110,30 @@ class WorldModel(nn.Module):
         grid = tuple(chunk_tokens.shape[2:])
         chunk_frames = torch.arange(start, start + grid[0], device=window.chunk.device)
         control = self.control_embedding(camera, chunk_frames, grid, window.control_mask)
-        if control is not None:
-            chunk_tokens = chunk_tokens + control.to(chunk_tokens.dtype)
+        if control["tokens"] is not None:
+            chunk_tokens = chunk_tokens + control["tokens"].to(chunk_tokens.dtype)
         chunk_seq = chunk_tokens.flatten(2).transpose(1, 2)
+        chunk_mod = None if control["modulation"] is None else control["modulation"].flatten(2).transpose(1, 2)
         chunk_pos = grid_positions(chunk_frames * 1.0, grid[1], grid[2], device=chunk_seq.device)
 
         history = self.history_tokens(window, camera, grid[1:])
         batch = chunk_seq.shape[0]
         t_chunk = window.timestep.to(chunk_seq.device, torch.float32)[:, None].expand(batch, chunk_seq.shape[1])
         if history is None:
-            seq, positions, timesteps, n_hist = chunk_seq, chunk_pos, t_chunk, 0
+            seq, positions, timesteps, modulation, n_hist = chunk_seq, chunk_pos, t_chunk, chunk_mod, 0
         else:
             n_hist = history.length
             seq = torch.cat([history.tokens.to(chunk_seq.dtype), chunk_seq], dim=1)
             positions = torch.cat([history.positions, chunk_pos], dim=0)
             timesteps = torch.cat([t_chunk.new_zeros(batch, n_hist), t_chunk], dim=1)
+            modulation = None
+            if chunk_mod is not None:
+                hist_mod = history.modulation if history.modulation is not None else chunk_mod.new_zeros(
+                    batch, n_hist, chunk_mod.shape[-1])
+                modulation = torch.cat([hist_mod, chunk_mod], dim=1)
 
         mask = causal_mask(positions, n_hist) if window.attention == "causal" else None
-        out = bb.run_blocks(seq, timesteps, window.text, bb.rotary(positions), attention_mask=mask)
+        out = bb.run_blocks(seq, timesteps, window.text, bb.rotary(positions), attention_mask=mask,
+                            modulation=modulation)
         out = type(out)(hidden=out.hidden[:, n_hist:], temb=out.temb[:, n_hist:])
         return bb.unembed(out, grid)

@@ -26,6 +26,8 @@ class FinetuneConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    new_module_lr_scale: float = Field(10.0, gt=0, description="lr multiplier for the control injectors and the "
+                                       "compressor, which start from zero rather than from pretrained weights")
     chunk_frames: int = Field(4, ge=1, description="latent frames per chunk (K)")
     max_history: int = Field(12, ge=0, description="most history latent frames sampled (the compressor may keep fewer)")
     no_history_prob: float = Field(0.1, ge=0, le=1, description="probability of a first-chunk window (no history)")
@@ -79,10 +81,14 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     if cfg.train == "controls":
         world.requires_grad_(False)
         world.controls.requires_grad_(True)
+    new = {id(p) for m in (world.controls, world.compressor) for p in m.parameters()}
     params = [p for p in world.parameters() if p.requires_grad]
     if not params:
         raise ValueError("stage finetune: nothing to train (train: controls with no controls in the model)")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    groups = [{"params": [p for p in params if id(p) not in new], "lr_scale": 1.0},
+              {"params": [p for p in params if id(p) in new], "lr_scale": cfg.new_module_lr_scale}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.99))
 
     tf = world.backbone.temporal_factor
     latent_frames = 1 + (recipe.data.frames - 1) // tf
@@ -107,7 +113,7 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     with progress_bar(ctx.console, "finetune", cfg.steps, completed=step) as update:
         while step < cfg.steps:
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+                group["lr"] = cfg.lr * group["lr_scale"] * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
             x0, history, camera = sample_batch(data, cfg, generator, device)
             b = x0.shape[0]
             noise = torch.randn(x0.shape, generator=generator).to(device)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Creates .venv with CPU torch 2.13 and every BiWM distribution installed in editable mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+python -m pip install -q "torch==2.13.0"   # first, so nothing below pulls another torch build
+python -m pip install -q -e ./biwm-core -e "./biwm-backbones[wan]" -e ./biwm-compressors -e ./biwm-losses \
+    -e ./biwm-quant pytest
