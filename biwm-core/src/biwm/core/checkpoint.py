@@ -22,9 +22,8 @@ CHECKPOINT_PREFIX = "step_"
 
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -88,6 +87,7 @@ def save_checkpoint(folder: Path, step: int, modules: dict[str, nn.Module],
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".tmp-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in module_state(modules).items()},
                   str(tmp / "model.safetensors"))

@@ -20,16 +20,17 @@ from biwm.core.protocols import Backbone, zero_module
 class PluckerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hidden: int = Field(64, ge=1, description="width of the ray encoder before the zero-initialised projection")
+    target: Literal["tokens", "modulation"] = Field(
+        "tokens", description="add to the tokens, or to the per-token timestep embedding (AdaLN)")
 
 
 class PluckerControl(nn.Module):
     """Plücker rays at latent resolution, the frames of a latent frame stacked (6*tf channels),
     patchified like the tokens, then a zero-initialised projection added to the tokens."""
 
-    target = "tokens"
-
     def __init__(self, options: PluckerOptions, backbone: Backbone):
         super().__init__()
+        self.target = options.target
         tf = backbone.temporal_factor
         _, ph, pw = backbone.patch_size
         self.encode = nn.Conv3d(6 * tf, options.hidden, kernel_size=(1, ph, pw), stride=(1, ph, pw))

@@ -28,6 +28,7 @@ def run(ctx, cfg: ExportConfig, stage_dir: Path) -> dict:
     stage_dir.mkdir(parents=True, exist_ok=True)
     final = stage_dir / cfg.folder
     tmp = Path(tempfile.mkdtemp(dir=stage_dir, prefix=".tmp-export-"))
+    tmp.chmod(0o755)
     try:
         world.backbone.trainable().save_pretrained(tmp, safe_serialization=True)
         if final.exists():
