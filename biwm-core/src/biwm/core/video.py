@@ -33,10 +33,12 @@ def write_mp4(path: Path, frames: Tensor, fps: int = 8, scale: int = 1) -> None:
     os.replace(tmp, path)
 
 
-def write_strip(path: Path, rows: list[Tensor], every: int = 1) -> None:
-    """One row per video ([T, 3, H, W]), every ``every``-th frame, as a PNG grid."""
+def write_strip(path: Path, rows: list[Tensor], every: int = 1, scale: int = 1) -> None:
+    """One row per video ([T, 3, H, W]), every ``every``-th frame, as a PNG grid (nearest-neighbour
+    upscaled by ``scale`` so toy-sized frames are visible)."""
     arrs = [to_uint8(r)[::every] for r in rows]
     grid = np.concatenate([np.concatenate(list(a), axis=1) for a in arrs], axis=0)
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     Image.fromarray(grid).save(tmp, format="PNG")

@@ -117,7 +117,8 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
         # side by side: truth | correct | shuffled, after the shared true history
         video = torch.cat([torch.cat([past[i], to_uint8(rows[k][i])]) for k in rows], dim=-1)
         write_mp4(stage_dir / f"trajectory_{i}.mp4", video, fps=cfg.fps, scale=4)
-    write_strip(stage_dir / "strip.png", [torch.cat([past[0], to_uint8(rows[k][0])]) for k in rows])
+    write_strip(stage_dir / "strip.png", [torch.cat([past[0], to_uint8(rows[k][0])]) for k in rows],
+                scale=max(1, 128 // past.shape[-1]))
     if cfg.keys is not None:
         keys = parse_keys(cfg.keys).to(raw_camera.c2w.device)
         frames = min(len(keys), truth.shape[1])
