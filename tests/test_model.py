@@ -202,3 +202,43 @@ def test_real_presets_need_weights(preset):
 
     with pytest.raises(ValidationError, match="needs a local diffusers-format directory"):
         WanOptions(preset=preset)
+
+
+def test_causal_window_blocks_information_from_later_frames():
+    world = tiny_world()
+    for control in world.controls.values():
+        torch.nn.init.normal_(next(iter(control.project.parameters())), std=0.05)
+    bb = world.backbone
+    text = bb.encode_text(["", ""])
+    chunk = torch.randn(2, 48, 3, 8, 8)
+    history = torch.randn(2, 48, 2, 8, 8)
+    window = Window(text=text, chunk=chunk, timestep=torch.tensor([600.0, 600.0]), history=history,
+                    camera=random_camera(2, 5), attention="causal")
+    out = world(window)
+    later = chunk.clone()
+    later[:, :, 2] += 3.0  # perturb the last chunk frame
+    out_later = world(Window(**{**window.__dict__, "chunk": later}))
+    torch.testing.assert_close(out_later[:, :, :2], out[:, :, :2], rtol=1e-5, atol=1e-5)
+    assert (out_later[:, :, 2] - out[:, :, 2]).abs().max() > 1e-3
+    # bidirectional: the same perturbation reaches the earlier frames
+    bidir = Window(**{**window.__dict__, "attention": "bidirectional"})
+    bidir_later = Window(**{**bidir.__dict__, "chunk": later})
+    assert (world(bidir_later)[:, :, :2] - world(bidir)[:, :, :2]).abs().max() > 1e-3
+
+
+def test_wan_vae_stream_decoder_equals_full_decode():
+    from diffusers import AutoencoderKLWan
+
+    from biwm.backbones.wan import WanVAECodec
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    codec = WanVAECodec(vae.eval())
+    latents = torch.randn(1, 4, 5, 4, 4)
+    full = codec.decode(latents)
+    assert full.shape == (1, 3, 17, 32, 32)  # 1 + 4 * (5 - 1) frames, 8x spatial
+    stream = codec.stream_decoder()
+    pieces = [stream.decode(latents[:, :, :1]), stream.decode(latents[:, :, 1:3]), stream.decode(latents[:, :, 3:])]
+    assert [p.shape[2] for p in pieces] == [1, 8, 8]
+    torch.testing.assert_close(torch.cat(pieces, dim=2), full, rtol=1e-4, atol=1e-4)

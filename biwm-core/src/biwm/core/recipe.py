@@ -28,6 +28,9 @@ class ModelConfig(Strict):
     backbone: PluginRef
     controls: list[PluginRef] = Field(default_factory=list)
     compressor: PluginRef = Field(default_factory=lambda: PluginRef(name="none"))
+    attention: Literal["bidirectional", "causal"] = Field(
+        "bidirectional", description="window attention; causal (history blind to the chunk, frames causal "
+                                     "within it) exists as the baseline BiWM is measured against")
 
     @model_validator(mode="before")
     @classmethod

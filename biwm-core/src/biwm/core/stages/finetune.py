@@ -36,7 +36,6 @@ class FinetuneConfig(Strict):
     text_dropout: float = Field(0.1, ge=0, le=1)
     control_dropout: float = Field(0.1, ge=0, le=1)
     timestep_shift: float = Field(3.0, gt=0, description="shift of the training sigma distribution")
-    attention: Literal["bidirectional", "causal"] = "bidirectional"
     checkpoint_every: int = Field(50, ge=1)
     train: Literal["all", "controls"] = Field("all", description="train everything, or only the control injectors")
     init: InputFile | None = Field(None, description="start from this biwm model.safetensors")
@@ -126,7 +125,8 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
             batch_text = torch.where(drop_text.view(-1, 1, 1), null_text.expand_as(text), text)
             control_mask = (torch.rand(b, generator=generator) >= cfg.control_dropout).float().to(device)
             window = Window(text=batch_text, chunk=add_noise(x0, noise, sigma), timestep=sigma * 1000,
-                            history=history, camera=camera, control_mask=control_mask, attention=cfg.attention)
+                            history=history, camera=camera, control_mask=control_mask,
+                            attention=recipe.model.attention)
             pred = world(window)
             loss = torch.nn.functional.mse_loss(pred.float(), velocity_target(x0, noise).float())
             acc.backward(loss)

@@ -24,7 +24,6 @@ class GenerateConfig(Strict):
     cfg_scale: float = Field(1.0, ge=0, description="classifier-free guidance on text and control (1 = off)")
     shuffled_baseline: bool = Field(True, description="also roll out with another trajectory's actions")
     keys: str | None = Field(None, description="also roll out this key string (e.g. 'w*8,j*4') from the first held-out scene")
-    attention: Literal["bidirectional", "causal"] = "bidirectional"
     fps: int = Field(8, ge=1)
     write_videos: bool = Field(True, description="write mp4s and the PNG strip (metrics only if false)")
     seed: int = 0
@@ -91,12 +90,14 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
         pieces = []
         with ctx.console.status(f"rollout ({label}): {cfg.chunks} chunks x {cfg.steps} steps"):
             rollout(world, text_rows, null_text, history_rows, latent_aligned_camera(camera, tf).to(device), cfg.chunks,
-                    cfg.chunk_frames, cfg.steps, cfg.shift, cfg.cfg_scale, gen, cfg.attention,
+                    cfg.chunk_frames, cfg.steps, cfg.shift, cfg.cfg_scale, gen, recipe.model.attention,
                     on_chunk=lambda i, x: pieces.append(decoder.decode(x).cpu()))
         return torch.cat(pieces, dim=2).transpose(1, 2)  # [N, T', 3, H, W] in [-1, 1]
 
     correct = generate(raw_camera, "correct actions")
+    copy_last = data.frames[:, h_video - 1:h_video].expand_as(truth)  # the trivial "nothing moves" forecast
     metrics = {"psnr_correct_actions": float(psnr(correct, truth).mean()),
+               "psnr_copy_last_frame": float(psnr(copy_last, truth).mean()),
                "psnr_correct_per_trajectory": psnr(correct, truth).tolist()}
     rows = {"truth": truth, "correct": correct}
     if cfg.shuffled_baseline and n > 1:
