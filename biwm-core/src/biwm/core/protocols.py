@@ -6,7 +6,7 @@ Keep them small: the window engine (``biwm.core.window``) composes them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -125,12 +125,6 @@ class Quantizer(Protocol):
     def convert(self, module: nn.Module, *, training: bool) -> nn.Module: ...
 
     def requirements(self) -> str: ...
-
-
-def parameters_of(*modules: nn.Module | None) -> Iterator[nn.Parameter]:
-    for module in modules:
-        if module is not None:
-            yield from module.parameters()
 
 
 def zero_module(module: nn.Module) -> nn.Module:

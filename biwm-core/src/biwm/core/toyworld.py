@@ -29,7 +29,6 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
