@@ -31,6 +31,12 @@ def random_camera(batch: int, frames: int, seed: int = 0) -> CameraTrack:
     return CameraTrack(actions_to_poses(actions), default_intrinsics(75.0, batch=batch), actions)
 
 
+def activate_controls(world, std: float) -> None:
+    """Give the zero-initialised control projections weights, so control has an effect."""
+    for control in world.controls.values():
+        torch.nn.init.normal_(next(iter(control.project.parameters())), std=std)
+
+
 def stock_forward(bb, x, t, text):
     return bb.transformer(x, t, text).sample
 
@@ -89,9 +95,7 @@ def test_per_token_timesteps_change_only_through_the_timestep():
 
 def test_history_and_control_reach_the_output_and_gradients_flow():
     world = tiny_world()
-    # make the zero-initialised projections non-zero so control has an effect
-    for control in world.controls.values():
-        torch.nn.init.normal_(next(iter(control.project.parameters())), std=0.02)
+    activate_controls(world, 0.02)
     bb = world.backbone
     text = bb.encode_text(["", ""])
     chunk = torch.randn(2, 48, 2, 8, 8)
@@ -156,8 +160,7 @@ def test_rollout_shapes_and_actions_change_output():
     from biwm.core.rollout import rollout
 
     world = tiny_world()
-    for control in world.controls.values():
-        torch.nn.init.normal_(next(iter(control.project.parameters())), std=0.05)
+    activate_controls(world, 0.05)
     bb = world.backbone
     text = bb.encode_text(["", ""])
     null = bb.encode_text([""])
@@ -206,8 +209,7 @@ def test_real_presets_need_weights(preset):
 
 def test_causal_window_blocks_information_from_later_frames():
     world = tiny_world()
-    for control in world.controls.values():
-        torch.nn.init.normal_(next(iter(control.project.parameters())), std=0.05)
+    activate_controls(world, 0.05)
     bb = world.backbone
     text = bb.encode_text(["", ""])
     chunk = torch.randn(2, 48, 3, 8, 8)
