@@ -37,6 +37,14 @@ def activate_controls(world, std: float) -> None:
         torch.nn.init.normal_(next(iter(control.project.parameters())), std=std)
 
 
+def random_window(world, chunk_frames: int, history_frames: int, t: float, **fields) -> Window:
+    """A batch-2 window of random latents with a random camera over history + chunk."""
+    text = world.backbone.encode_text(["", ""])
+    return Window(text=text, chunk=torch.randn(2, 48, chunk_frames, 8, 8), timestep=torch.tensor([t, t]),
+                  history=torch.randn(2, 48, history_frames, 8, 8),
+                  camera=random_camera(2, chunk_frames + history_frames), **fields)
+
+
 def stock_forward(bb, x, t, text):
     return bb.transformer(x, t, text).sample
 
@@ -97,11 +105,8 @@ def test_history_and_control_reach_the_output_and_gradients_flow():
     world = tiny_world()
     activate_controls(world, 0.02)
     bb = world.backbone
-    text = bb.encode_text(["", ""])
-    chunk = torch.randn(2, 48, 2, 8, 8)
-    history = torch.randn(2, 48, 3, 8, 8)
-    cam = random_camera(2, 5)
-    base = Window(text=text, chunk=chunk, timestep=torch.tensor([500.0, 500.0]), history=history, camera=cam)
+    base = random_window(world, chunk_frames=2, history_frames=3, t=500.0)
+    chunk, history = base.chunk, base.history
     out = world(base)
     assert out.shape == chunk.shape
     other_history = history.clone()
@@ -210,12 +215,8 @@ def test_real_presets_need_weights(preset):
 def test_causal_window_blocks_information_from_later_frames():
     world = tiny_world()
     activate_controls(world, 0.05)
-    bb = world.backbone
-    text = bb.encode_text(["", ""])
-    chunk = torch.randn(2, 48, 3, 8, 8)
-    history = torch.randn(2, 48, 2, 8, 8)
-    window = Window(text=text, chunk=chunk, timestep=torch.tensor([600.0, 600.0]), history=history,
-                    camera=random_camera(2, 5), attention="causal")
+    window = random_window(world, chunk_frames=3, history_frames=2, t=600.0, attention="causal")
+    chunk = window.chunk
     out = world(window)
     later = chunk.clone()
     later[:, :, 2] += 3.0  # perturb the last chunk frame

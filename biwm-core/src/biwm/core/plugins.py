@@ -131,12 +131,6 @@ class PluginManager:
         self._pm.register(module, name=name)
         self._statuses[name] = PluginStatus(name, dist, version, "ok")
 
-    def register(self, module: Any, name: str, distribution: str = "unknown", version: str = "unknown") -> None:
-        """Register a hookimpl module directly (tests, notebooks)."""
-        self.load()
-        self._register_module(name, module, distribution, version)
-        self._registries = None
-
     def _build_registries(self) -> dict[str, dict[str, PluginSpec]]:
         self.load()
         registries: dict[str, dict[str, PluginSpec]] = {kind: {} for kind in KINDS}
