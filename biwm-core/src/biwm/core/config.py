@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,7 +15,8 @@ _base_dir: contextvars.ContextVar[Path] = contextvars.ContextVar("biwm_recipe_ba
 def _resolve(value: Any) -> Any:
     if isinstance(value, (str, Path)) and str(value):
         path = Path(value).expanduser()
-        return path if path.is_absolute() else (_base_dir.get() / path)
+        # absolute, so recipe snapshots in run folders stay valid wherever they are read from
+        return Path(os.path.abspath(path if path.is_absolute() else _base_dir.get() / path))
     return value
 
 

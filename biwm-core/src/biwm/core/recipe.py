@@ -71,6 +71,17 @@ class Recipe(Strict):
     def stage_names(self) -> list[str]:
         return [s.stage for s in self.stages]
 
+    def snapshot(self) -> dict[str, Any]:
+        """The recipe as it ran: plugin options with their defaults filled in and every input path
+        absolute, so ``validate_recipe(recipe.snapshot())`` rebuilds the same run from anywhere."""
+        data = self.model_dump(mode="json")
+        model = data["model"]
+        for key, ref in (("model.backbone", model["backbone"]), ("model.compressor", model["compressor"]),
+                         *((f"model.controls[{i}]", c) for i, c in enumerate(model["controls"]))):
+            if key in self.resolved:
+                ref["options"] = self.resolved[key].model_dump(mode="json")
+        return data
+
 
 class FieldError(Exception):
     def __init__(self, loc: str, message: str):

@@ -89,7 +89,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, console: Console | None = N
     console = console or Console()
     run_dir = Path(recipe.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.snapshot(), sort_keys=False))
     ctx = RunContext(recipe=recipe, run_dir=run_dir, resume=resume, console=console)
     counts: dict[str, int] = {}
     for index, stage in enumerate(recipe.stages):

@@ -40,25 +40,11 @@ class GenerateConfig(Strict):
         return []
 
 
-def shuffled_camera(camera, history_video_frames: int, config):
-    """Each trajectory's continuation driven by the next trajectory's actions, integrated from its own
-    last history pose (so the history is identical and only the commanded motion differs)."""
-    from biwm.core.camera import CameraTrack, actions_to_poses
-
-    actions = camera.actions.clone()
-    actions[:, history_video_frames:] = camera.actions.roll(1, dims=0)[:, history_video_frames:]
-    c2w = camera.c2w.clone()
-    c2w[:, history_video_frames:] = actions_to_poses(actions[:, history_video_frames:],
-                                                      camera.c2w[:, history_video_frames - 1],
-                                                      config.move_step, config.turn_step_deg)
-    return CameraTrack(c2w, camera.intrinsics, actions)
-
-
 def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
     from biwm.core.camera import CameraTrack, actions_to_poses, parse_keys
-    from biwm.core.data import latent_aligned_camera, toyworld_latents, video_frames_for
+    from biwm.core.data import toyworld_latents, video_frames_for
+    from biwm.core.evaluation import Sampler, rollout_video, shuffled_camera, to_uint8
     from biwm.core.metrics import psnr
-    from biwm.core.rollout import rollout
     from biwm.core.stages.common import load_world_model, text_embeddings
     from biwm.core.video import write_mp4, write_strip
 
@@ -79,20 +65,12 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
     h_video = video_frames_for(h_lat, tf)
     truth = data.frames[:, h_video:]  # [N, T', 3, H, W] uint8
 
-    def to_uint8(x: torch.Tensor) -> torch.Tensor:
-        return x if x.dtype == torch.uint8 else ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    sampler = Sampler(cfg.steps, cfg.shift, cfg.cfg_scale)
 
     def generate(camera: CameraTrack, label: str, rows: slice = slice(None)) -> torch.Tensor:
-        text_rows, history_rows = text[rows], history[rows]
-        gen = torch.Generator().manual_seed(cfg.seed)
-        decoder = bb.stream_decoder()
-        decoder.decode(history_rows)  # prime streaming state with the true history
-        pieces = []
         with ctx.console.status(f"rollout ({label}): {cfg.chunks} chunks x {cfg.steps} steps"):
-            rollout(world, text_rows, null_text, history_rows, latent_aligned_camera(camera, tf).to(device), cfg.chunks,
-                    cfg.chunk_frames, cfg.steps, cfg.shift, cfg.cfg_scale, gen, recipe.model.attention,
-                    on_chunk=lambda i, x: pieces.append(decoder.decode(x).cpu()))
-        return torch.cat(pieces, dim=2).transpose(1, 2)  # [N, T', 3, H, W] in [-1, 1]
+            return rollout_video(world, text[rows], null_text, history[rows], camera, cfg.chunks, cfg.chunk_frames,
+                                 sampler, cfg.seed, recipe.model.attention)
 
     correct = generate(raw_camera, "correct actions")
     copy_last = data.frames[:, h_video - 1:h_video].expand_as(truth)  # the trivial "nothing moves" forecast

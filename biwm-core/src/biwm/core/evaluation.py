@@ -1,0 +1,160 @@
+"""Scoring a world model against the toy world's ground truth.
+
+Every score compares a rollout with what really happens in the toy world from the same true
+history:
+- **camera following**: the IDM's labels for the rollout's consecutive frames against the
+  commanded actions (and the poses those labels integrate to against the commanded poses);
+- **quality over time**: PSNR / SSIM against the true continuation, per chunk (the drift curve);
+- **dynamics**: under a still camera only the moving boxes change the image; the fraction of
+  pixels that change, generated vs true;
+- **diversity**: spread of several samples with the same history and actions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from biwm.core.camera import CameraTrack, actions_to_poses
+from biwm.core.data import encode_clips, latent_aligned_camera, video_frames_for
+from biwm.core.idm import InverseDynamicsModel, action_accuracy, chance_accuracy
+from biwm.core.metrics import diversity, finite_mean, motion, pose_errors, psnr, psnr_per_chunk, ssim
+from biwm.core.rollout import rollout
+from biwm.core.toyworld import ToyWorldConfig, render_clips, split_seeds
+from biwm.core.window import WorldModel
+
+
+@dataclass
+class Sampler:
+    """How each chunk is denoised (Euler on the flow-matching ODE)."""
+
+    steps: int = 20
+    shift: float = 3.0
+    cfg_scale: float = 1.0
+
+
+def shuffled_camera(camera: CameraTrack, history_video_frames: int, config: ToyWorldConfig) -> CameraTrack:
+    """Each trajectory's continuation driven by the next trajectory's actions, integrated from its own
+    last history pose (so the history is identical and only the commanded motion differs)."""
+    actions = camera.actions.clone()
+    actions[:, history_video_frames:] = camera.actions.roll(1, dims=0)[:, history_video_frames:]
+    c2w = camera.c2w.clone()
+    c2w[:, history_video_frames:] = actions_to_poses(actions[:, history_video_frames:],
+                                                      camera.c2w[:, history_video_frames - 1],
+                                                      config.move_step, config.turn_step_deg)
+    return CameraTrack(c2w, camera.intrinsics, actions)
+
+
+def rollout_video(world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor, camera: CameraTrack,
+                  chunks: int, chunk_frames: int, sampler: Sampler, seed: int, attention: str,
+                  on_chunk: Callable[[int], None] | None = None) -> Tensor:
+    """Roll out from latent ``history`` with ``camera`` (video rate, T = 1 + tf*(F-1) frames covering
+    history and continuation) and decode as it goes: the continuation's frames [B, T', 3, H, W] in
+    [-1, 1], on the CPU."""
+    bb = world.backbone
+    device = history.device
+    generator = torch.Generator().manual_seed(seed)
+    decoder = bb.stream_decoder()
+    decoder.decode(history)  # prime the streaming decoder's state with the true history
+    pieces: list[Tensor] = []
+
+    def decoded(i: int, x: Tensor) -> None:
+        pieces.append(decoder.decode(x).float().cpu())
+        if on_chunk is not None:
+            on_chunk(i)
+
+    rollout(world, text, null_text, history, latent_aligned_camera(camera, bb.temporal_factor).to(device), chunks,
+            chunk_frames, sampler.steps, sampler.shift, sampler.cfg_scale, generator, attention, on_chunk=decoded)
+    return torch.cat(pieces, dim=2).transpose(1, 2)
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.uint8 else ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def quality_scores(generated: Tensor, truth: Tensor, frames_per_chunk: int, prefix: str = "") -> dict[str, Any]:
+    """PSNR and SSIM against the truth, overall and per chunk, with the drop from the first chunk
+    to the last (the drift)."""
+    psnr_chunks = psnr_per_chunk(generated, truth, frames_per_chunk)  # [B, C]
+    ssim_frames = ssim(generated, truth)  # [B, T]
+    ssim_chunks = ssim_frames.unflatten(1, (-1, frames_per_chunk)).mean(2)
+    p = [finite_mean(psnr_chunks[:, i]) for i in range(psnr_chunks.shape[1])]
+    s = ssim_chunks.mean(0).tolist()
+    last = len(p)
+    return {f"{prefix}psnr": finite_mean(psnr(generated, truth)), f"{prefix}ssim": float(ssim_frames.mean()),
+            f"{prefix}psnr_per_chunk": p, f"{prefix}ssim_per_chunk": s,
+            f"{prefix}psnr_chunk1": p[0], f"{prefix}psnr_chunk{last}": p[-1],
+            f"{prefix}psnr_drop_1_to_{last}": p[0] - p[-1],
+            f"{prefix}ssim_chunk1": s[0], f"{prefix}ssim_chunk{last}": s[-1]}
+
+
+def camera_scores(idm: InverseDynamicsModel, frames: Tensor, commanded: CameraTrack, start: int,
+                  config: ToyWorldConfig) -> dict[str, Any]:
+    """How well frames follow the commanded camera from video frame ``start`` on: ``frames`` holds
+    frames start-1 .. end (the last history frame first). IDM label accuracy, and the error of the
+    poses its labels integrate to from the last history pose."""
+    predicted = idm.predict(frames)  # [B, T']
+    actions = commanded.actions[:, start:].cpu()
+    out = action_accuracy(predicted, actions)
+    poses = actions_to_poses(predicted, commanded.c2w[:, start - 1].cpu(), config.move_step, config.turn_step_deg)
+    angle, distance = pose_errors(poses, commanded.c2w[:, start:].cpu())
+    out.update(rotation_error_deg=float(angle.mean()), translation_error=float(distance.mean()),
+               final_rotation_error_deg=float(angle[:, -1].mean()), final_translation_error=float(distance[:, -1].mean()))
+    out["predicted"] = predicted
+    return out
+
+
+def still_camera_clips(count: int, frames: int, config: ToyWorldConfig, device: torch.device | str = "cpu"):
+    """Held-out scenes filmed by a camera that never moves (only the boxes do)."""
+    seeds = split_seeds("heldout", count, start=1_000_000)
+    return render_clips(seeds, frames, config, actions=torch.zeros(count, frames, dtype=torch.long), device=device)
+
+
+def dynamics_scores(world: WorldModel, text: Tensor, null_text: Tensor, config: ToyWorldConfig, scenes: int,
+                    samples: int, history_frames: int, chunks: int, chunk_frames: int, sampler: Sampler, seed: int,
+                    attention: str, device: torch.device, threshold: float = 0.1,
+                    on_chunk: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Still camera: motion of generated vs true frames (each sample of each scene), and the spread
+    of ``samples`` rollouts per scene. Motion compares frames one chunk apart, so a box moves a few
+    pixels rather than a fraction of one."""
+    bb = world.backbone
+    tf = bb.temporal_factor
+    total = video_frames_for(history_frames + chunks * chunk_frames, tf)
+    clips = still_camera_clips(scenes, total, config).to("cpu")
+    data = encode_clips(clips, bb, device=device, keep_frames=True)
+    h_video = video_frames_for(history_frames, tf)
+    history = data.latents[:, :, :history_frames].repeat_interleave(samples, 0).to(device)
+    camera = clips.camera.select(torch.arange(scenes).repeat_interleave(samples))
+    generated = rollout_video(world, text[:1].expand(scenes * samples, -1, -1), null_text, history, camera, chunks,
+                              chunk_frames, sampler, seed, attention, on_chunk)
+    # From the last history frame on, one frame per chunk: each pair is one chunk apart.
+    gap = chunk_frames * tf
+    last = clips.frames[:, h_video - 1:h_video]
+    truth = clips.frames[:, h_video - 1::gap]
+    sampled = torch.cat([last.repeat_interleave(samples, 0), to_uint8(generated)], 1)[:, ::gap]
+    moving_generated = float(motion(sampled, threshold).mean())
+    moving_true = float(motion(truth, threshold).mean())
+    spread = diversity(generated.unflatten(0, (scenes, samples)))
+    return {"dynamics": moving_generated / moving_true if moving_true > 0 else None,
+            "dynamics_generated": moving_generated, "dynamics_true": moving_true,
+            "diversity": float(spread.mean()), "dynamics_scenes": scenes, "diversity_samples": samples}
+
+
+def true_clip_scores(idm: InverseDynamicsModel, frames: Tensor, actions: Tensor) -> dict[str, Any]:
+    """The IDM on true held-out frames: how much its verdicts can be trusted, and what it scores
+    against unrelated actions (another clip's)."""
+    predicted = idm.predict(frames)
+    actions = actions[:, 1:].cpu()
+    scores = action_accuracy(predicted, actions)
+    out = {"idm_accuracy_true_clips": scores["accuracy"],
+           "idm_translation_accuracy_true_clips": scores["translation_accuracy"],
+           "idm_rotation_accuracy_true_clips": scores["rotation_accuracy"],
+           "idm_per_translation_true_clips": scores["per_translation"],
+           "idm_per_rotation_true_clips": scores["per_rotation"],
+           "idm_chance": chance_accuracy(actions)}
+    if frames.shape[0] > 1:
+        out["idm_accuracy_true_clips_shuffled"] = action_accuracy(predicted, actions.roll(1, 0))["accuracy"]
+    return out

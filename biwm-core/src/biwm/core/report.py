@@ -1,0 +1,192 @@
+"""Human-readable evaluation output: report.md with PNG plots for one run, and side-by-side
+comparisons of several runs (``biwm compare``). Every file is written to a temporary name first."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from biwm.core.camera import ROTATIONS, TRANSLATIONS
+from biwm.core.checkpoint import atomic_write_text
+
+# (key, label, format) rows of the report's tables; rows whose key is missing are left out.
+CAMERA_ROWS = [
+    ("idm_accuracy", "IDM accuracy of the rollout (all 81 labels)", ".3f"),
+    ("idm_translation_accuracy", "… translation only", ".3f"),
+    ("idm_rotation_accuracy", "… rotation only", ".3f"),
+    ("idm_accuracy_shuffled", "IDM accuracy, rollout given another trajectory's actions", ".3f"),
+    ("idm_accuracy_true_clips", "IDM accuracy on the true clips (the judge's own accuracy)", ".3f"),
+    ("idm_chance", "chance (agreement of unrelated action sequences)", ".3f"),
+    ("rotation_error_deg", "rotation error of IDM-integrated poses (deg, mean over frames)", ".2f"),
+    ("translation_error", "camera-centre error of IDM-integrated poses (world units)", ".3f"),
+]
+QUALITY_ROWS = [
+    ("psnr", "PSNR vs the true continuation (dB)", ".2f"),
+    ("ssim", "SSIM vs the true continuation", ".3f"),
+    ("psnr_chunk1", "PSNR, first chunk (dB)", ".2f"),
+    ("psnr_last", "PSNR, last chunk (dB)", ".2f"),
+    ("psnr_drop", "PSNR drop first → last chunk (dB)", ".2f"),
+    ("psnr_shuffled_actions", "PSNR with another trajectory's actions (dB)", ".2f"),
+    ("copy_last_frame_psnr", "PSNR of repeating the last true frame (dB)", ".2f"),
+]
+DYNAMICS_ROWS = [
+    ("dynamics", "dynamics: generated / true moving-pixel fraction, still camera", ".2f"),
+    ("dynamics_generated", "moving-pixel fraction, generated", ".4f"),
+    ("dynamics_true", "moving-pixel fraction, true", ".4f"),
+    ("diversity", "diversity: mean |difference| between samples (0-1 pixels)", ".4f"),
+]
+
+
+def _key(metrics: dict[str, Any], key: str) -> str:
+    """Resolve the aliases ``psnr_last`` / ``psnr_drop`` to the run's chunk count."""
+    chunks = metrics.get("chunks")
+    return {"psnr_last": f"psnr_chunk{chunks}", "psnr_drop": f"psnr_drop_1_to_{chunks}"}.get(key, key)
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, fmt) if isinstance(value, (int, float)) else str(value)
+
+
+def _table(metrics: dict[str, Any], rows: list[tuple[str, str, str]]) -> list[str]:
+    lines = ["| metric | value |", "| --- | --- |"]
+    for key, label, fmt in rows:
+        name = _key(metrics, key)
+        if metrics.get(name) is not None:
+            lines.append(f"| {label} (`{name}`) | {_fmt(metrics[name], fmt)} |")
+    return lines
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_drift(runs: dict[str, dict[str, Any]], path: Path, baseline: bool = True) -> None:
+    """PSNR and SSIM per chunk, one line per run (and the copy-last-frame baseline of the first)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, metric, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ssim", "SSIM")):
+        for name, m in runs.items():
+            values = m.get(f"{metric}_per_chunk")
+            if values:
+                ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=name)
+        first = next(iter(runs.values()))
+        if baseline and first.get(f"copy_last_frame_{metric}_per_chunk"):
+            values = first[f"copy_last_frame_{metric}_per_chunk"]
+            ax.plot(range(1, len(values) + 1), values, ls="--", color="grey", label="repeat last true frame")
+        ax.set_xlabel("chunk")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Quality against the true continuation, per chunk (drift)")
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def plot_idm_per_action(runs: dict[str, dict[str, Any]], path: Path) -> None:
+    """IDM accuracy per commanded translation and rotation: each run's rollout, and the true clips."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    first = next(iter(runs.values()))
+    for ax, factor, names in ((axes[0], "translation", TRANSLATIONS), (axes[1], "rotation", ROTATIONS)):
+        bars = [(f"{name} rollout", m.get(f"idm_per_{factor}", {})) for name, m in runs.items()]
+        bars.append(("true clips", first.get(f"idm_per_{factor}_true_clips", {})))
+        width = 0.8 / len(bars)
+        for i, (label, values) in enumerate(bars):
+            heights = [values.get(n) if values.get(n) is not None else float("nan") for n in names]
+            ax.bar([x + (i - (len(bars) - 1) / 2) * width for x in range(len(names))], heights, width, label=label)
+        ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(f"IDM {factor} accuracy")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Camera following per commanded action")
+    _save_figure(fig, path)
+    plt.close(fig)
+
+
+def write_report(folder: Path, metrics: dict[str, Any], title: str, strip: list[Tensor] | None = None,
+                 strip_every: int = 1) -> None:
+    """report.md + drift.png + idm_per_action.png (+ samples.png: truth over generated)."""
+    from biwm.core.video import write_strip
+
+    folder = Path(folder)
+    plot_drift({"model": metrics}, folder / "drift.png")
+    plot_idm_per_action({"model": metrics}, folder / "idm_per_action.png")
+    if strip:
+        write_strip(folder / "samples.png", strip, every=strip_every, scale=max(1, 96 // strip[0].shape[-1]))
+    lines = [f"# {title}", "",
+             f"{metrics.get('trajectories')} held-out toy-world trajectories, {metrics.get('history_latent_frames')} true "
+             f"history latent frames, then {metrics.get('chunks')} chunks of {metrics.get('chunk_latent_frames')} latent "
+             f"frames; {metrics.get('steps')} denoising steps per chunk, CFG {metrics.get('cfg_scale')}, attention "
+             f"`{metrics.get('attention')}`. Raw numbers: `metrics.json`.", "",
+             "## Camera following", "", *_table(metrics, CAMERA_ROWS), "",
+             "![IDM accuracy per action](idm_per_action.png)", "",
+             "## Quality over time", "", *_table(metrics, QUALITY_ROWS), "", "![drift](drift.png)", ""]
+    if metrics.get("dynamics_true") is not None:
+        lines += ["## Dynamics and diversity (still camera)", "", *_table(metrics, DYNAMICS_ROWS), ""]
+    if strip:
+        lines += ["## Samples", "", f"First trajectory, one frame in {strip_every}: truth (top), generated "
+                  "(bottom); the first frames are the shared true history.", "", "![samples](samples.png)", ""]
+    atomic_write_text(folder / "report.md", "\n".join(lines))
+
+
+# Keys every comparison reports per run, when present.
+COMPARE_KEYS = ["idm_accuracy", "idm_translation_accuracy", "idm_rotation_accuracy", "idm_accuracy_shuffled",
+                "psnr", "ssim", "psnr_chunk1", "psnr_last", "psnr_drop", "ssim_chunk1", "dynamics", "diversity",
+                "rotation_error_deg", "translation_error", "nfe_per_chunk"]
+
+
+def compare_runs(runs: dict[str, dict[str, Any]], out: Path, title: str, notes: str = "",
+                 setup: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Write OUT.json (the headline numbers per run), OUT.md (a table, the plots and ``notes``),
+    OUT_drift.png and OUT_idm.png. Returns the JSON document."""
+    out = Path(out)
+    doc: dict[str, Any] = {}
+    for name, m in runs.items():
+        entry = {_key(m, key): m[_key(m, key)] for key in COMPARE_KEYS if m.get(_key(m, key)) is not None}
+        entry["psnr_per_chunk"] = m.get("psnr_per_chunk")
+        doc[name] = entry
+    first = next(iter(runs.values()))
+    for key in ("idm_accuracy_true_clips", "idm_chance"):
+        if key in first:
+            doc[key] = first[key]
+    if setup:
+        doc["setup"] = setup
+    atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=2, default=str))  # YAML dates
+    plot_drift(runs, out.with_name(out.name + "_drift.png"))
+    plot_idm_per_action(runs, out.with_name(out.name + "_idm.png"))
+    keys = [k for k in doc[next(iter(runs))] if k != "psnr_per_chunk"]
+    lines = [f"# {title}", "", "| metric | " + " | ".join(runs) + " |", "| --- |" + " --- |" * len(runs)]
+    for key in keys:
+        lines.append(f"| `{key}` | " + " | ".join(_fmt(doc[n].get(key), ".3f") for n in runs) + " |")
+    for key in ("idm_accuracy_true_clips", "idm_chance"):
+        if key in doc:
+            lines.append(f"| `{key}` (same held-out clips for all) | " + " | ".join(
+                [_fmt(doc[key], ".3f")] * len(runs)) + " |")
+    lines += ["", f"![drift]({out.name}_drift.png)", "", f"![IDM per action]({out.name}_idm.png)", ""]
+    if notes:
+        lines += [notes.strip(), ""]
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines))
+    return doc

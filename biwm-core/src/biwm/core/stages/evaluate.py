@@ -1,0 +1,140 @@
+"""Stage ``evaluate``: score a world model against the toy world's ground truth (see
+:mod:`biwm.core.evaluation`) and write metrics.json, report.md and PNG plots.
+
+Held-out trajectories are rolled out chunk by chunk from their true history with their true
+actions (and, as a control, with another trajectory's actions); a few held-out scenes are also
+rolled out under a still camera, several samples each, for dynamics and diversity.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from biwm.core.config import InputFile, Strict
+
+
+class EvaluateConfig(Strict):
+    stage: Literal["evaluate"] = "evaluate"
+    trajectories: int = Field(16, ge=1, description="held-out trajectories to roll out")
+    history_frames: int = Field(4, ge=1, description="true history latent frames given to the model")
+    chunks: int = Field(20, ge=1, description="chunks per rollout (the drift curve's length)")
+    chunk_frames: int = Field(4, ge=1, description="latent frames per chunk (K)")
+    steps: int = Field(20, ge=1, description="denoising steps per chunk")
+    shift: float = Field(3.0, gt=0)
+    cfg_scale: float = Field(1.0, ge=0, description="classifier-free guidance on text and control (1 = off)")
+    shuffled_baseline: bool = Field(True, description="also roll out with another trajectory's actions")
+    dynamics_scenes: int = Field(4, ge=0, description="still-camera scenes for dynamics and diversity (0: skip)")
+    diversity_samples: int = Field(4, ge=2, description="rollouts per still-camera scene")
+    dynamics_chunks: int = Field(3, ge=1)
+    motion_threshold: float = Field(0.1, gt=0, lt=1, description="pixel change (0-1 scale) that counts as motion")
+    idm: InputFile | None = Field(None, description="IDM weights (default: the shipped or cached IDM for the "
+                                                    "data's rendering, trained and cached if there is none)")
+    idm_steps: int = Field(6000, ge=1, description="training steps if an IDM has to be trained (minutes on a "
+                                                   "GPU, long on a CPU: see biwm idm train)")
+    seed: int = 0
+    init: InputFile | None = Field(None, description="biwm model.safetensors to evaluate (default: previous stage)")
+    write_report: bool = Field(True, description="write report.md and the PNG plots")
+
+
+def resolve_idm(ctx, cfg: EvaluateConfig):
+    """The IDM for the recipe's rendering: given, shipped, cached, or trained now (and cached)."""
+    from biwm.core.idm import IDMTrainConfig, cache_dir, find_idm, idm_key, load_idm, save_idm, train_idm
+    from biwm.core.runner import progress_bar
+
+    config = ctx.recipe.data.toyworld
+    path = cfg.idm or find_idm(config)
+    if path is not None:
+        return load_idm(path, config, ctx.device)
+    target = cache_dir() / f"idm-{idm_key(config)}.safetensors"
+    ctx.console.print(f"[yellow]no inverse-dynamics model for this toy-world rendering yet[/]: training one "
+                      f"({cfg.idm_steps} steps) and caching it at {target}")
+    train = IDMTrainConfig(steps=cfg.idm_steps)
+    with progress_bar(ctx.console, "IDM", train.steps) as update:
+        model, scores = train_idm(config, train, ctx.device, progress=lambda **kw: update(**kw))
+    ctx.console.print(f"IDM held-out accuracy {scores['accuracy']:.3f}")
+    info = {k: v for k, v in scores.items() if not isinstance(v, dict)}
+    save_idm(target, model, config, info)
+    return load_idm(target, config, ctx.device)
+
+
+def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
+    from biwm.core.data import toyworld_latents, video_frames_for
+    from biwm.core.evaluation import (Sampler, camera_scores, dynamics_scores, quality_scores, rollout_video,
+                                      shuffled_camera, to_uint8, true_clip_scores)
+    from biwm.core.idm import action_accuracy
+    from biwm.core.runner import progress_bar
+    from biwm.core.stages.common import load_world_model, text_embeddings
+
+    recipe = ctx.recipe
+    toy = recipe.data.toyworld
+    device = ctx.device
+    world = load_world_model(ctx, init=cfg.init).to(device).eval()
+    idm = resolve_idm(ctx, cfg).model
+    bb = world.backbone
+    tf = bb.temporal_factor
+    total_lat = cfg.history_frames + cfg.chunks * cfg.chunk_frames
+    with ctx.console.status(f"rendering {cfg.trajectories} held-out trajectories of {total_lat} latent frames"):
+        data = toyworld_latents("heldout", cfg.trajectories, total_lat, toy, bb, ctx.run_dir / "cache",
+                                ctx.cache_key(), device=device, keep_frames=True)
+    n = len(data)
+    text, null_text = text_embeddings(world, recipe.data.prompt, n, device)
+    history = data.latents[:, :, :cfg.history_frames].to(device)
+    camera = data.camera.frames(slice(tf - 1, None))  # video rate, T = 1 + tf*(F-1)
+    h_video = video_frames_for(cfg.history_frames, tf)
+    truth = data.frames[:, h_video:]
+    last_history = data.frames[:, h_video - 1:h_video]
+    per_chunk = cfg.chunk_frames * tf
+    sampler = Sampler(cfg.steps, cfg.shift, cfg.cfg_scale)
+    shuffled = cfg.shuffled_baseline and n > 1
+    total_chunks = cfg.chunks * (2 if shuffled else 1) + (cfg.dynamics_chunks if cfg.dynamics_scenes else 0)
+
+    metrics: dict = {"trajectories": n, "history_latent_frames": cfg.history_frames, "chunks": cfg.chunks,
+                     "chunk_latent_frames": cfg.chunk_frames, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale,
+                     "attention": recipe.model.attention, "nfe_per_chunk": cfg.steps * (1 if cfg.cfg_scale == 1 else 2),
+                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
+    with progress_bar(ctx.console, "evaluate (chunks)", total_chunks) as update:
+        tick = lambda _i: update()  # noqa: E731
+        correct = rollout_video(world, text, null_text, history, camera, cfg.chunks, cfg.chunk_frames, sampler,
+                                cfg.seed, recipe.model.attention, on_chunk=tick)
+        metrics.update(quality_scores(correct, truth, per_chunk))
+        metrics.update({k: v for k, v in quality_scores(last_history.expand_as(truth), truth, per_chunk,
+                                                        "copy_last_frame_").items() if "chunk" in k or k.endswith("psnr")})
+        follow = camera_scores(idm, torch.cat([last_history, to_uint8(correct)], 1), camera, h_video, toy)
+        metrics.update({k if "error" in k else f"idm_{k}": v for k, v in follow.items()
+                        if k not in ("predicted", "count")})
+        if shuffled:
+            other = shuffled_camera(camera, h_video, toy)
+            moved = rollout_video(world, text, null_text, history, other, cfg.chunks, cfg.chunk_frames, sampler,
+                                  cfg.seed, recipe.model.attention, on_chunk=tick)
+            metrics["psnr_shuffled_actions"] = quality_scores(moved, truth, per_chunk)["psnr"]
+            predicted = camera_scores(idm, torch.cat([last_history, to_uint8(moved)], 1), other, h_video, toy)
+            # Scored against the trajectory's own actions, which this rollout was not given: near chance
+            # if the model follows its commands.
+            metrics["idm_accuracy_shuffled"] = action_accuracy(predicted["predicted"],
+                                                               camera.actions[:, h_video:].cpu())["accuracy"]
+            metrics["idm_accuracy_shuffled_commands"] = predicted["accuracy"]
+        metrics.update(true_clip_scores(idm, data.frames, camera.actions))
+        if cfg.dynamics_scenes:
+            metrics.update(dynamics_scores(world, text, null_text, toy, cfg.dynamics_scenes, cfg.diversity_samples,
+                                           cfg.history_frames, cfg.dynamics_chunks, cfg.chunk_frames, sampler,
+                                           cfg.seed + 1, recipe.model.attention, device, cfg.motion_threshold,
+                                           on_chunk=tick))
+
+    ctx.console.print(
+        f"evaluate: IDM accuracy {metrics['idm_accuracy']:.3f} (true clips {metrics['idm_accuracy_true_clips']:.3f}, "
+        f"chance {metrics['idm_chance']:.3f}); PSNR chunk 1 {metrics['psnr_chunk1']:.2f} dB, chunk {cfg.chunks} "
+        f"{metrics[f'psnr_chunk{cfg.chunks}']:.2f} dB" + (f"; dynamics {metrics['dynamics']:.2f}, diversity "
+                                                           f"{metrics['diversity']:.4f}" if metrics.get("dynamics") is not None else ""),
+        highlight=False)
+    if cfg.write_report:
+        from biwm.core.report import write_report
+
+        write_report(stage_dir, metrics, title=f"{recipe.name}: evaluation",
+                     strip=[torch.cat([data.frames[0, :h_video], truth[0]]),
+                            torch.cat([data.frames[0, :h_video], to_uint8(correct[0])])],
+                     strip_every=per_chunk)
+    return metrics
