@@ -64,7 +64,8 @@ EXPECTED_KEYS = ["idm_accuracy", "idm_translation_accuracy", "idm_rotation_accur
                  "idm_accuracy_true_clips", "idm_chance", "idm_per_translation", "idm_per_rotation",
                  "rotation_error_deg", "translation_error", "psnr", "ssim", "psnr_per_chunk", "ssim_per_chunk",
                  "psnr_chunk1", "psnr_chunk2", "psnr_drop_1_to_2", "psnr_shuffled_actions",
-                 "copy_last_frame_psnr_per_chunk", "dynamics", "dynamics_generated", "dynamics_true", "diversity"]
+                 "copy_last_frame_psnr_per_chunk", "dynamics", "dynamics_generated", "dynamics_generated_frozen",
+                 "dynamics_true", "diversity"]
 
 
 def test_evaluate_stage_biwm_eval_and_compare(tmp_path):
@@ -142,3 +143,23 @@ def test_evaluate_rejects_an_idm_for_another_rendering(tmp_path):
     with pytest.raises(ValueError, match="fov_deg: 90.0 \\(IDM\\) vs 75.0 \\(data\\)"):
         run_recipe(validate_recipe(recipe))
     assert not (tmp_path / "run" / "evaluate" / "DONE").exists()
+
+
+def test_biwm_eval_finds_the_run_of_any_target(tmp_path):
+    import yaml
+
+    from biwm.core.cli import _find_run
+
+    run = tmp_path / "run"
+    (run / "finetune" / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run / "finetune2").mkdir()
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"stages": [{"stage": "finetune"}, {"stage": "finetune"},
+                                                                 {"stage": "generate"}]}))
+    for path in ("finetune/model.safetensors", "finetune/checkpoints/step_00000002/model.safetensors",
+                 "finetune2/model.safetensors"):
+        (run / path).write_bytes(b"")
+    assert _find_run(run) == (run, run / "finetune2" / "model.safetensors")  # the last training stage
+    assert _find_run(run / "finetune") == (run, run / "finetune" / "model.safetensors")
+    step = run / "finetune" / "checkpoints" / "step_00000002"
+    assert _find_run(step) == (run, step / "model.safetensors")
+    assert _find_run(step / "model.safetensors") == (run, step / "model.safetensors")

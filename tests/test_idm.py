@@ -7,6 +7,7 @@ from biwm.core.camera import action_label
 from biwm.core.idm import (IDMTrainConfig, InverseDynamicsModel, action_accuracy, chance_accuracy, find_idm, idm_key,
                            load_idm, save_idm, train_idm)
 from biwm.core.toyworld import ToyWorldConfig, render_clips
+from conftest import requires_gpu
 
 
 def test_rotation_hypotheses_pick_the_true_turn():
@@ -93,3 +94,20 @@ def test_idm_rejects_wrong_resolution(trained):
     _, model, _ = trained
     with pytest.raises(ValueError, match="IDM trained for 16x16 frames"):
         model(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
+
+
+@requires_gpu
+def test_shipped_idm_and_ssim_agree_on_cuda():
+    from biwm.core.idm import evaluate_idm
+    from biwm.core.metrics import ssim
+    from biwm.core.toyworld import split_seeds
+
+    cfg = ToyWorldConfig(height=32, width=32)
+    clips = render_clips(split_seeds("heldout", 8), 24, cfg)
+    cpu = load_idm(find_idm(cfg), cfg, "cpu").model
+    gpu = load_idm(find_idm(cfg), cfg, "cuda").model
+    a, b = cpu.predict(clips.frames), gpu.predict(clips.frames)
+    assert (a == b).float().mean() >= 0.99  # TF32 convolutions may flip a near-tie
+    assert evaluate_idm(gpu, clips)["accuracy"] >= 0.9
+    x, y = clips.frames[:, :4], clips.frames[:, 4:8]
+    assert torch.allclose(ssim(x.cuda(), y.cuda()).cpu(), ssim(x, y), atol=1e-5)

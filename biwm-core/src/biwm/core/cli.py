@@ -111,7 +111,7 @@ def _find_run(target: Path) -> tuple[Path, Path]:
     weights = target if target.is_file() else None
     if weights is None and (target / "model.safetensors").is_file():
         weights = target / "model.safetensors"
-    run_dir = next((p for p in [target, *target.parents][:4] if (p / "recipe.yaml").is_file()), None)
+    run_dir = next((p for p in [target, *target.parents][:5] if (p / "recipe.yaml").is_file()), None)
     if run_dir is None:
         _fail(f"{target}: no recipe.yaml in it or in the folders above it; biwm eval needs a folder written by "
               "biwm run (or a model.safetensors inside one)")

@@ -6,7 +6,7 @@ history:
   commanded actions (and the poses those labels integrate to against the commanded poses);
 - **quality over time**: PSNR / SSIM against the true continuation, per chunk (the drift curve);
 - **dynamics**: under a still camera only the moving boxes change the image; the fraction of
-  pixels that change, generated vs true;
+  pixels that change, generated (above what changes when the boxes are frozen) vs true;
 - **diversity**: spread of several samples with the same history and actions.
 """
 
@@ -23,7 +23,7 @@ from biwm.core.data import encode_clips, latent_aligned_camera, video_frames_for
 from biwm.core.idm import InverseDynamicsModel, action_accuracy, chance_accuracy
 from biwm.core.metrics import diversity, finite_mean, motion, pose_errors, psnr, psnr_per_chunk, ssim
 from biwm.core.rollout import rollout
-from biwm.core.toyworld import ToyWorldConfig, render_clips, split_seeds
+from biwm.core.toyworld import ToyClips, ToyWorldConfig, render_clips, split_seeds
 from biwm.core.window import WorldModel
 
 
@@ -117,30 +117,41 @@ def dynamics_scores(world: WorldModel, text: Tensor, null_text: Tensor, config: 
                     samples: int, history_frames: int, chunks: int, chunk_frames: int, sampler: Sampler, seed: int,
                     attention: str, device: torch.device, threshold: float = 0.1,
                     on_chunk: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Still camera: motion of generated vs true frames (each sample of each scene), and the spread
-    of ``samples`` rollouts per scene. Motion compares frames one chunk apart, so a box moves a few
-    pixels rather than a fraction of one."""
+    """Still camera: how much of the image changes in generated vs true frames, and the spread of
+    ``samples`` rollouts per scene.
+
+    A generated video also changes where nothing moves (sampling noise, flicker, invented motion),
+    so the same scenes are rolled out a second time with their boxes frozen (``max_speed`` 0: same
+    layout, static history). ``dynamics`` is the change above that floor, relative to the true
+    motion: 1 when the boxes move as much as in truth, 0 when they freeze, negative when the
+    frozen scenes flicker more than the moving ones. Motion compares frames one chunk apart, so
+    a box moves a few pixels rather than a fraction of one."""
     bb = world.backbone
     tf = bb.temporal_factor
     total = video_frames_for(history_frames + chunks * chunk_frames, tf)
-    clips = still_camera_clips(scenes, total, config).to("cpu")
-    data = encode_clips(clips, bb, device=device, keep_frames=True)
-    h_video = video_frames_for(history_frames, tf)
-    history = data.latents[:, :, :history_frames].repeat_interleave(samples, 0).to(device)
-    camera = clips.camera.select(torch.arange(scenes).repeat_interleave(samples))
-    generated = rollout_video(world, text[:1].expand(scenes * samples, -1, -1), null_text, history, camera, chunks,
-                              chunk_frames, sampler, seed, attention, on_chunk)
+    moving = still_camera_clips(scenes, total, config).to("cpu")
+    frozen = still_camera_clips(scenes, total, config.model_copy(update={"max_speed": 0.0})).to("cpu")
+    frames = torch.cat([moving.frames, frozen.frames])
+    latents = encode_clips(ToyClips(frames, CameraTrack.cat([moving.camera, frozen.camera]), moving.seeds * 2), bb,
+                           device=device).latents
+    rows = torch.arange(2 * scenes).repeat_interleave(samples)
+    history = latents[rows, :, :history_frames].to(device)
+    camera = CameraTrack.cat([moving.camera, frozen.camera]).select(rows)
+    generated = to_uint8(rollout_video(world, text[:1].expand(len(rows), -1, -1), null_text, history, camera,
+                                       chunks, chunk_frames, sampler, seed, attention, on_chunk))
     # From the last history frame on, one frame per chunk: each pair is one chunk apart.
+    h_video = video_frames_for(history_frames, tf)
     gap = chunk_frames * tf
-    last = clips.frames[:, h_video - 1:h_video]
-    truth = clips.frames[:, h_video - 1::gap]
-    sampled = torch.cat([last.repeat_interleave(samples, 0), to_uint8(generated)], 1)[:, ::gap]
-    moving_generated = float(motion(sampled, threshold).mean())
-    moving_true = float(motion(truth, threshold).mean())
-    spread = diversity(generated.unflatten(0, (scenes, samples)))
-    return {"dynamics": moving_generated / moving_true if moving_true > 0 else None,
-            "dynamics_generated": moving_generated, "dynamics_true": moving_true,
-            "diversity": float(spread.mean()), "dynamics_scenes": scenes, "diversity_samples": samples}
+    sampled = torch.cat([frames[rows, h_video - 1:h_video], generated], 1)[:, ::gap]
+    changed = motion(sampled, threshold).mean(1)  # [2 * scenes * samples]
+    half = scenes * samples
+    generated_moving, generated_frozen = float(changed[:half].mean()), float(changed[half:].mean())
+    true_moving = float(motion(moving.frames[:, h_video - 1::gap], threshold).mean())
+    spread = diversity(generated[:half].unflatten(0, (scenes, samples)))
+    return {"dynamics": (generated_moving - generated_frozen) / true_moving if true_moving > 0 else None,
+            "dynamics_generated": generated_moving, "dynamics_generated_frozen": generated_frozen,
+            "dynamics_true": true_moving, "diversity": float(spread.mean()), "dynamics_scenes": scenes,
+            "diversity_samples": samples}
 
 
 def true_clip_scores(idm: InverseDynamicsModel, frames: Tensor, actions: Tensor) -> dict[str, Any]:

@@ -36,9 +36,10 @@ QUALITY_ROWS = [
     ("copy_last_frame_psnr", "PSNR of repeating the last true frame (dB)", ".2f"),
 ]
 DYNAMICS_ROWS = [
-    ("dynamics", "dynamics: generated / true moving-pixel fraction, still camera", ".2f"),
-    ("dynamics_generated", "moving-pixel fraction, generated", ".4f"),
-    ("dynamics_true", "moving-pixel fraction, true", ".4f"),
+    ("dynamics", "dynamics: (generated − generated with boxes frozen) / true changed-pixel fraction", ".2f"),
+    ("dynamics_generated", "changed-pixel fraction, generated", ".4f"),
+    ("dynamics_generated_frozen", "changed-pixel fraction, generated, boxes frozen (flicker floor)", ".4f"),
+    ("dynamics_true", "changed-pixel fraction, true", ".4f"),
     ("diversity", "diversity: mean |difference| between samples (0-1 pixels)", ".4f"),
 ]
 
@@ -85,7 +86,7 @@ def _pyplot():
 def plot_drift(runs: dict[str, dict[str, Any]], path: Path, baseline: bool = True) -> None:
     """PSNR and SSIM per chunk, one line per run (and the copy-last-frame baseline of the first)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     for ax, metric, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ssim", "SSIM")):
         for name, m in runs.items():
             values = m.get(f"{metric}_per_chunk")
@@ -107,7 +108,7 @@ def plot_drift(runs: dict[str, dict[str, Any]], path: Path, baseline: bool = Tru
 def plot_idm_per_action(runs: dict[str, dict[str, Any]], path: Path) -> None:
     """IDM accuracy per commanded translation and rotation: each run's rollout, and the true clips."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8), layout="constrained")
     first = next(iter(runs.values()))
     for ax, factor, names in ((axes[0], "translation", TRANSLATIONS), (axes[1], "rotation", ROTATIONS)):
         bars = [(f"{name} rollout", m.get(f"idm_per_{factor}", {})) for name, m in runs.items()]
