@@ -19,3 +19,11 @@ def register_compressors(register):
 
     register("none", LastFrames, options=LastFramesOptions,
              description="no compression: the last N history frames at full resolution")
+
+
+@hookimpl
+def register_losses(register):
+    from biwm.core.dmd import DMD, DMDOptions
+
+    register("dmd", DMD, options=DMDOptions,
+             description="distribution matching: teacher (with CFG) minus critic score on self-rollouts")

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 _base_dir: contextvars.ContextVar[Path] = contextvars.ContextVar("biwm_recipe_base_dir", default=Path("."))
 
@@ -38,3 +38,15 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+
+
+class PluginRef(Strict):
+    """A plugin by name, with its options (validated later against the plugin's own model)."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_as_string(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data

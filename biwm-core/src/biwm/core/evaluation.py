@@ -20,6 +20,7 @@ from torch import Tensor
 
 from biwm.core.camera import CameraTrack, actions_to_poses
 from biwm.core.data import encode_clips, latent_aligned_camera, video_frames_for
+from biwm.core.dmd import student_sigmas
 from biwm.core.idm import InverseDynamicsModel, action_accuracy, chance_accuracy
 from biwm.core.metrics import diversity, finite_mean, motion, pose_errors, psnr, psnr_per_chunk, ssim
 from biwm.core.rollout import rollout
@@ -29,11 +30,22 @@ from biwm.core.window import WorldModel
 
 @dataclass
 class Sampler:
-    """How each chunk is denoised (Euler on the flow-matching ODE)."""
+    """How each chunk is denoised: Euler on the flow-matching ODE with optional CFG, or (``student``)
+    a distilled generator's few steps, re-noising x̂0 in between, without CFG."""
 
     steps: int = 20
     shift: float = 3.0
     cfg_scale: float = 1.0
+    student: bool = False
+
+    @property
+    def nfe_per_chunk(self) -> int:
+        return self.steps * (2 if self.cfg_scale != 1.0 and not self.student else 1)
+
+    def describe(self) -> str:
+        if self.student:
+            return f"distilled generator, {self.steps} steps (shift {self.shift}), no CFG"
+        return f"{self.steps} Euler steps (shift {self.shift}), CFG {self.cfg_scale}"
 
 
 def shuffled_camera(camera: CameraTrack, history_video_frames: int, config: ToyWorldConfig) -> CameraTrack:
@@ -67,7 +79,8 @@ def rollout_video(world: WorldModel, text: Tensor, null_text: Tensor, history: T
             on_chunk(i)
 
     rollout(world, text, null_text, history, latent_aligned_camera(camera, bb.temporal_factor).to(device), chunks,
-            chunk_frames, sampler.steps, sampler.shift, sampler.cfg_scale, generator, attention, on_chunk=decoded)
+            chunk_frames, sampler.steps, sampler.shift, sampler.cfg_scale, generator, attention, on_chunk=decoded,
+            student_sigmas=student_sigmas(sampler.steps, sampler.shift) if sampler.student else None)
     return torch.cat(pieces, dim=2).transpose(1, 2)
 
 

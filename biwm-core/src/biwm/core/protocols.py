@@ -111,11 +111,14 @@ class HistoryCompressor(Protocol):
 
 @runtime_checkable
 class DistillLoss(Protocol):
-    """A term of the stage-2 objective (DMD, GAN, forward-KL)."""
+    """A term of the stage-2 objective (DMD, GAN, forward-KL), built by the ``distill`` stage with
+    its options. Both methods see one generated chunk as a ``biwm.core.dmd.DistillStep`` and return
+    a scalar to add to that side's loss, or None. A loss that is an ``nn.Module`` with parameters
+    (a discriminator head) has them trained with the critic."""
 
-    def generator_loss(self, **batch: Any) -> Tensor | None: ...
+    def generator_loss(self, step: Any) -> Tensor | None: ...
 
-    def critic_loss(self, **batch: Any) -> Tensor | None: ...
+    def critic_loss(self, step: Any) -> Tensor | None: ...
 
 
 @runtime_checkable

@@ -14,15 +14,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from biwm.core.config import Strict, _base_dir
+from biwm.core.config import PluginRef, Strict, _base_dir
 from biwm.core.plugins import PluginManager, UnknownPluginError, get_plugin_manager
 from biwm.core.stages import STAGE_CONFIGS
 from biwm.core.toyworld import ToyWorldConfig
-
-class PluginRef(Strict):
-    name: str
-    options: dict[str, Any] = Field(default_factory=dict)
-
 
 class ModelConfig(Strict):
     backbone: PluginRef

@@ -13,7 +13,7 @@ from biwm.core.schedule import euler_step, sampling_sigmas
 from biwm.core.window import Window, WorldModel
 
 
-def _guided(world: WorldModel, window: Window, null_text: Tensor, cfg_scale: float) -> Tensor:
+def guided_velocity(world: WorldModel, window: Window, null_text: Tensor, cfg_scale: float) -> Tensor:
     """One velocity prediction; with guidance, conditional and unconditional (null text, control
     dropped) run as one doubled batch."""
     if cfg_scale == 1.0:
@@ -37,12 +37,13 @@ def _guided(world: WorldModel, window: Window, null_text: Tensor, cfg_scale: flo
 def rollout(world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor | None, camera: CameraTrack | None,
             chunks: int, chunk_frames: int, steps: int, shift: float, cfg_scale: float = 1.0,
             generator: torch.Generator | None = None, attention: AttentionMode = "bidirectional",
-            on_chunk: Callable[[int, Tensor], None] | None = None) -> Tensor:
+            on_chunk: Callable[[int, Tensor], None] | None = None, student_sigmas: Tensor | None = None) -> Tensor:
     """Generate ``chunks`` chunks of ``chunk_frames`` latent frames after ``history``.
 
     ``camera`` is latent-aligned at video rate and covers history + all generated frames.
     Returns the generated latents only, [B, C, chunks*K, h, w]; ``on_chunk(i, latents)`` sees
-    each chunk as soon as it is done (streaming decode).
+    each chunk as soon as it is done (streaming decode). With ``student_sigmas`` (a distilled
+    generator) each chunk takes those few steps, re-noising its x̂0 in between, without guidance.
     """
     bb = world.backbone
     tf = bb.temporal_factor
@@ -63,9 +64,16 @@ def rollout(world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor 
         x = noise
         window = Window(text=text, chunk=x, timestep=torch.zeros(batch, device=device), history=history,
                         camera=cam, attention=attention)
-        for i in range(steps):
+        if student_sigmas is not None:
+            from biwm.core.dmd import few_step_chunk
+
+            shape = noise.shape
+            noises = iter([noise] + [torch.randn(shape, generator=generator, device="cpu").to(device)
+                                     for _ in range(len(student_sigmas) - 2)])
+            x = few_step_chunk(world, window, student_sigmas.to(device), lambda: next(noises))
+        for i in range(steps if student_sigmas is None else 0):
             window = window.with_chunk(x, sigmas[i].expand(batch) * 1000)
-            v = _guided(world, window, null_text, cfg_scale)
+            v = guided_velocity(world, window, null_text, cfg_scale)
             x = euler_step(x, v.to(x.dtype), sigmas[i], sigmas[i + 1])
         history = torch.cat([history, x], dim=2)
         generated.append(x)

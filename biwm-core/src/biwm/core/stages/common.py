@@ -32,3 +32,23 @@ def text_embeddings(world: WorldModel, prompt: str, batch: int, device: torch.de
     text = world.backbone.encode_text([prompt]).to(device)
     null = world.backbone.encode_text([""]).to(device)
     return text.expand(batch, -1, -1), null
+
+
+def sampler_for(ctx: "RunContext", init: Path | None, steps: int, shift: float, cfg_scale: float):
+    """The stage's sampler, unless the weights are a distilled generator: then its own few steps,
+    no CFG (recorded in the weights' metadata by the distill stage)."""
+    from safetensors import safe_open
+
+    from biwm.core.evaluation import Sampler
+
+    source = init or ctx.previous_weights
+    meta = {}
+    if source is not None:
+        with safe_open(str(source), "pt") as f:
+            meta = f.metadata() or {}
+    if meta.get("stage") == "distill":
+        sampler = Sampler(int(meta["student_steps"]), float(meta["student_shift"]), 1.0, student=True)
+    else:
+        sampler = Sampler(steps, shift, cfg_scale)
+    ctx.console.print(f"sampling: {sampler.describe()}")
+    return sampler

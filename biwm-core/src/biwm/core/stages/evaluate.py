@@ -63,11 +63,11 @@ def resolve_idm(ctx, cfg: EvaluateConfig):
 
 def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
     from biwm.core.data import toyworld_latents, video_frames_for
-    from biwm.core.evaluation import (Sampler, camera_scores, dynamics_scores, quality_scores, rollout_video,
+    from biwm.core.evaluation import (camera_scores, dynamics_scores, quality_scores, rollout_video,
                                       shuffled_camera, to_uint8, true_clip_scores)
     from biwm.core.idm import action_accuracy
     from biwm.core.runner import progress_bar
-    from biwm.core.stages.common import load_world_model, text_embeddings
+    from biwm.core.stages.common import load_world_model, sampler_for, text_embeddings
 
     recipe = ctx.recipe
     toy = recipe.data.toyworld
@@ -88,13 +88,14 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
     truth = data.frames[:, h_video:]
     last_history = data.frames[:, h_video - 1:h_video]
     per_chunk = cfg.chunk_frames * tf
-    sampler = Sampler(cfg.steps, cfg.shift, cfg.cfg_scale)
+    sampler = sampler_for(ctx, cfg.init, cfg.steps, cfg.shift, cfg.cfg_scale)
     shuffled = cfg.shuffled_baseline and n > 1
     total_chunks = cfg.chunks * (2 if shuffled else 1) + (cfg.dynamics_chunks if cfg.dynamics_scenes else 0)
 
     metrics: dict = {"trajectories": n, "history_latent_frames": cfg.history_frames, "chunks": cfg.chunks,
-                     "chunk_latent_frames": cfg.chunk_frames, "steps": cfg.steps, "cfg_scale": cfg.cfg_scale,
-                     "attention": recipe.model.attention, "nfe_per_chunk": cfg.steps * (1 if cfg.cfg_scale == 1 else 2),
+                     "chunk_latent_frames": cfg.chunk_frames, "steps": sampler.steps, "cfg_scale": sampler.cfg_scale,
+                     "sampler": sampler.describe(), "attention": recipe.model.attention,
+                     "nfe_per_chunk": sampler.nfe_per_chunk,
                      "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
     with progress_bar(ctx.console, "evaluate (chunks)", total_chunks) as update:
         tick = lambda _i: update()  # noqa: E731

@@ -43,9 +43,9 @@ class GenerateConfig(Strict):
 def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
     from biwm.core.camera import CameraTrack, actions_to_poses, parse_keys
     from biwm.core.data import toyworld_latents, video_frames_for
-    from biwm.core.evaluation import Sampler, rollout_video, shuffled_camera, to_uint8
+    from biwm.core.evaluation import rollout_video, shuffled_camera, to_uint8
     from biwm.core.metrics import psnr
-    from biwm.core.stages.common import load_world_model, text_embeddings
+    from biwm.core.stages.common import load_world_model, sampler_for, text_embeddings
     from biwm.core.video import write_mp4, write_strip
 
     recipe = ctx.recipe
@@ -65,7 +65,7 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
     h_video = video_frames_for(h_lat, tf)
     truth = data.frames[:, h_video:]  # [N, T', 3, H, W] uint8
 
-    sampler = Sampler(cfg.steps, cfg.shift, cfg.cfg_scale)
+    sampler = sampler_for(ctx, cfg.init, cfg.steps, cfg.shift, cfg.cfg_scale)
 
     def generate(camera: CameraTrack, label: str, rows: slice = slice(None)) -> torch.Tensor:
         with ctx.console.status(f"rollout ({label}): {cfg.chunks} chunks x {cfg.steps} steps"):

@@ -1,0 +1,171 @@
+"""Few-step distillation by distribution matching (DMD, METHODS.md §3), the pieces the ``distill``
+stage puts together.
+
+- The student denoises a chunk in a few steps (``student_sigmas``): at each step it predicts x̂0,
+  which is re-noised with fresh noise to the next sigma (consistency-style sampling).
+- ``self_rollout`` generates several chunks on the student's **own** history. Backward simulation:
+  one exit step, drawn per iteration, ends every chunk's denoising; only that step keeps a graph.
+- ``dmd_loss`` pushes a generated chunk along (x̂0_fake - x̂0_real): the critic's denoising minus
+  the teacher's (with CFG), normalised per sample. ``critic_loss`` is plain flow matching on the
+  student's detached samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from biwm.core.camera import CameraTrack
+from biwm.core.rollout import guided_velocity
+from biwm.core.schedule import add_noise, predict_x0, shift_sigma, training_sigmas, velocity_target
+from biwm.core.window import Window, WorldModel
+
+
+def student_sigmas(steps: int, shift: float, device: torch.device | str = "cpu") -> Tensor:
+    """The student's sigmas, ``steps`` of them from 1 down plus a final 0: t = 1000, 750, 500, 250
+    warped by shift 5 gives 1000, 937.5, 833.3, 625."""
+    return torch.cat([shift_sigma(torch.linspace(1.0, 0.0, steps + 1, device=device)[:-1], shift),
+                      torch.zeros(1, device=device)])
+
+
+def few_step_chunk(world: WorldModel, window: Window, sigmas: Tensor, noise: Callable[[], Tensor],
+                   exit_step: int | None = None) -> Tensor:
+    """Denoise ``window``'s chunk from pure noise with the student's steps and return x̂0.
+
+    ``exit_step`` (backward simulation) stops after that step; only it runs with grad (when grad is
+    enabled at all). None runs every step without grad, as at inference."""
+    steps = len(sigmas) - 1
+    last = steps - 1 if exit_step is None else exit_step
+    if not 0 <= last < steps:
+        raise ValueError(f"exit_step {exit_step} outside the {steps} student steps")
+    want_grad = torch.is_grad_enabled() and exit_step is not None
+    x = noise()
+    batch = x.shape[0]
+    for i in range(last + 1):
+        with torch.set_grad_enabled(want_grad and i == last):
+            v = world(window.with_chunk(x, sigmas[i].expand(batch) * 1000))
+            x0 = predict_x0(x, v.to(x.dtype), sigmas[i])
+        if i < last:
+            x = add_noise(x0.detach(), noise(), sigmas[i + 1].expand(batch))
+    return x0
+
+
+@dataclass
+class RolledChunk:
+    """One generated chunk (x̂0, with a graph at the exit step when training) and the window it was
+    generated in: the teacher and critic see exactly this history, camera and text."""
+
+    latents: Tensor
+    window: Window
+
+
+def self_rollout(world: WorldModel, text: Tensor, history: Tensor, camera: CameraTrack | None, chunks: int,
+                 chunk_frames: int, sigmas: Tensor, generator: torch.Generator, exit_step: int | None = None,
+                 attention: str = "bidirectional") -> list[RolledChunk]:
+    """``chunks`` chunks, each conditioned on the true ``history`` followed by the student's own
+    (detached) earlier chunks. ``camera`` (latent-aligned, video rate) covers all of them."""
+    bb = world.backbone
+    tf = bb.temporal_factor
+    batch, channels = history.shape[0], history.shape[1]
+    shape = (batch, channels, chunk_frames, *history.shape[-2:])
+    device = history.device
+
+    def noise() -> Tensor:
+        return torch.randn(shape, generator=generator).to(device)
+
+    out: list[RolledChunk] = []
+    for c in range(chunks):
+        end = history.shape[2] + chunk_frames
+        window = Window(text=text, chunk=history.new_zeros(shape), timestep=history.new_zeros(batch), history=history,
+                        camera=None if camera is None else camera.frames(slice(0, end * tf)), attention=attention)
+        x0 = few_step_chunk(world, window, sigmas, noise, exit_step)
+        out.append(RolledChunk(x0, window))
+        history = torch.cat([history, x0.detach()], dim=2)
+    return out
+
+
+def sample_timestep(batch: int, shift: float, t_min: float, t_max: float, generator: torch.Generator) -> Tensor:
+    """DMD's noise level per sample: shifted uniform, clamped to [t_min, t_max] (out of 1000)."""
+    return training_sigmas(batch, shift, generator).clamp(t_min / 1000, t_max / 1000)
+
+
+def dmd_direction(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
+    """(x̂0_fake - x̂0_real) / mean|x - x̂0_real|, per sample; non-finite values become 0."""
+    dims = tuple(range(1, x.dim()))
+    scale = (x - x0_real).abs().mean(dim=dims, keepdim=True)
+    return torch.nan_to_num((x0_fake - x0_real) / scale)
+
+
+def dmd_loss(chunk: RolledChunk, teacher: WorldModel, critic: WorldModel, null_text: Tensor, cfg_scale: float,
+             sigma: Tensor, generator: torch.Generator, weights: Tensor | None = None,
+             teacher_context: Callable = nullcontext) -> Tensor:
+    """0.5 ‖x - sg(x - g)‖², whose gradient on the generated chunk x is the DMD direction g (times
+    optional per-sample ``weights``, e.g. forward-KL's h(r)). Teacher and critic denoise the same
+    noisy chunk in the generator's own window; neither gets gradients. ``teacher_context`` wraps
+    the teacher's forward (a LoRA critic's base runs as the teacher with its adapters off)."""
+    x = chunk.latents
+    b = x.shape[0]
+    noise = torch.randn(x.shape, generator=generator).to(x.device)
+    x_t = add_noise(x.detach(), noise, sigma)
+    noisy = chunk.window.with_chunk(x_t, sigma * 1000)
+    with torch.no_grad():
+        with teacher_context():
+            x0_real = predict_x0(x_t, guided_velocity(teacher, noisy, null_text, cfg_scale).to(x.dtype), sigma)
+        x0_fake = predict_x0(x_t, critic(noisy).to(x.dtype), sigma)
+        direction = dmd_direction(x.detach(), x0_real, x0_fake)
+        if weights is not None:
+            direction = direction * weights.view(b, *([1] * (x.dim() - 1)))
+    return 0.5 * F.mse_loss(x.float(), (x.detach() - direction).float())
+
+
+@dataclass
+class DistillStep:
+    """What the distillation losses see for one generated chunk."""
+
+    chunk: RolledChunk
+    teacher: WorldModel
+    critic: WorldModel
+    null_text: Tensor
+    teacher_cfg: float
+    sigma: Tensor  # DMD's noise level per sample, [B]
+    critic_shift: float  # sigma shift of the critic's flow-matching loss
+    generator: torch.Generator
+    teacher_context: Callable = nullcontext  # e.g. LoRA adapters off: the critic's base is the teacher
+    dmd_weights: Tensor | None = None  # per-sample DMD weights (forward-KL sets them)
+
+
+class DMDOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    weight: float = Field(1.0, gt=0, description="scale of the DMD generator loss")
+
+
+class DMD(nn.Module):
+    """The built-in loss ``dmd``: the DMD generator update, and the critic's flow matching on
+    generated samples (the fake score it needs)."""
+
+    def __init__(self, options: DMDOptions | None = None):
+        super().__init__()
+        self.weight = (options or DMDOptions()).weight
+
+    def generator_loss(self, step: DistillStep) -> Tensor:
+        return self.weight * dmd_loss(step.chunk, step.teacher, step.critic, step.null_text, step.teacher_cfg,
+                                      step.sigma, step.generator, step.dmd_weights, step.teacher_context)
+
+    def critic_loss(self, step: DistillStep) -> Tensor:
+        return critic_loss(step.chunk, step.critic, step.critic_shift, step.generator)
+
+
+def critic_loss(chunk: RolledChunk, critic: WorldModel, shift: float, generator: torch.Generator) -> Tensor:
+    """Flow matching of the critic on the generator's detached sample, in the same window."""
+    x0 = chunk.latents.detach()
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    sigma = training_sigmas(b, shift, generator).to(x0.device)
+    v = critic(chunk.window.with_chunk(add_noise(x0, noise, sigma), sigma * 1000))
+    return F.mse_loss(v.float(), velocity_target(x0, noise).float())

@@ -1,0 +1,201 @@
+"""Stage 2, ``distill``: a few-step generator from the stage-1 model by DMD on its own rollouts
+(METHODS.md §3, :mod:`biwm.core.dmd`).
+
+Three networks start from the stage-1 weights: the generator (trained), the teacher (frozen, used
+with CFG) and the critic (trained on the generator's samples; optionally LoRA on the teacher's
+own base). Each iteration the generator rolls out ``chunks`` chunks on its own history from a
+true toy-world history, with one random exit step. The critic and every loss's critic term step
+every iteration; the generator every ``generator_every``-th (two time-scale rule), followed by
+its EMA. The stage's ``model.safetensors`` is the EMA generator; its metadata tells ``generate``
+and ``evaluate`` to sample with the student's steps and no CFG.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from biwm.core.config import InputFile, PluginRef, Strict
+
+
+class DistillConfig(Strict):
+    stage: Literal["distill"] = "distill"
+    steps: int = Field(200, ge=1, description="iterations (critic updates)")
+    batch_size: int = Field(4, ge=1)
+    history_frames: int = Field(4, ge=1, description="true history latent frames the rollout starts from")
+    chunks: int = Field(3, ge=1, description="chunks the generator rolls out on its own history per iteration")
+    chunk_frames: int = Field(4, ge=1, description="latent frames per chunk (K)")
+    student_steps: int = Field(4, ge=1, description="denoising steps of the distilled generator")
+    student_shift: float = Field(5.0, gt=0, description="shift warping the student's evenly spaced timesteps")
+    generator_every: int = Field(5, ge=1, description="generator update every N critic updates")
+    generator_lr: float = Field(1e-5, gt=0)
+    critic_lr: float = Field(2e-6, gt=0)
+    betas: tuple[float, float] = (0.0, 0.999)
+    grad_clip: float = Field(10.0, gt=0)
+    teacher_cfg: float = Field(3.0, ge=0, description="teacher's classifier-free guidance (text and control)")
+    timestep_shift: float = Field(5.0, gt=0, description="shift of the noise levels of the DMD and critic losses")
+    t_min: float = Field(20.0, ge=0, le=1000)
+    t_max: float = Field(980.0, ge=0, le=1000)
+    ema: float | None = Field(0.99, gt=0, lt=1, description="EMA decay of the generator (null: no EMA)")
+    critic: Literal["full", "lora"] = Field("full", description="a full copy, or LoRA on the teacher's frozen base")
+    lora_rank: int = Field(16, ge=1)
+    lora_targets: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1,
+                                    description="linear layers that get LoRA adapters (module names)")
+    losses: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="dmd")], min_length=1)
+    checkpoint_every: int = Field(50, ge=1)
+    init: InputFile | None = Field(None, description="start from this biwm model.safetensors (default: previous stage)")
+
+    def check(self, recipe) -> list[str]:
+        errors = []
+        if self.t_min >= self.t_max:
+            errors.append(f"t_min ({self.t_min}) must be below t_max ({self.t_max})")
+        if "dmd" not in [ref.name for ref in self.losses]:
+            errors.append("losses: the distill stage needs 'dmd' (the other losses refine it)")
+        return errors
+
+
+def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from biwm.core.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_weights
+    from biwm.core.data import toyworld_latents
+    from biwm.core.dmd import DistillStep, sample_timestep, self_rollout, student_sigmas
+    from biwm.core.plugins import get_plugin_manager
+    from biwm.core.runner import progress_bar
+    from biwm.core.stages.common import load_world_model, text_embeddings
+
+    recipe = ctx.recipe
+    device = ctx.device
+    torch.manual_seed(recipe.seed)
+    generator = load_world_model(ctx, init=cfg.init).to(device).train()
+    teacher = load_world_model(ctx, init=cfg.init).to(device).eval().requires_grad_(False)
+    teacher_context = None
+    if cfg.critic == "lora":
+        from biwm.core.lora import adapters_disabled, add_lora
+
+        base = teacher.backbone.trainable()
+        critic_params = add_lora(base, cfg.lora_rank, cfg.lora_targets)
+        critic = teacher  # adapters on: the critic; adapters off: the teacher
+
+        def teacher_context():
+            return adapters_disabled(base)
+    else:
+        critic = load_world_model(ctx, init=cfg.init).to(device).train()
+        critic_params = list(critic.parameters())
+    pm = get_plugin_manager()
+    index = recipe.stages.index(cfg)
+    losses = [pm.get("loss", ref.name).create(recipe.resolved[f"stages[{index}].losses[{i}]"]).to(device)
+              for i, ref in enumerate(cfg.losses)]
+    critic_params += [p for loss in losses if isinstance(loss, torch.nn.Module) for p in loss.parameters()]
+    opt_g = torch.optim.AdamW([p for p in generator.parameters() if p.requires_grad], lr=cfg.generator_lr,
+                              betas=cfg.betas)
+    opt_c = torch.optim.AdamW(critic_params, lr=cfg.critic_lr, betas=cfg.betas)
+    ema = AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+
+    tf = generator.backbone.temporal_factor
+    latent_frames = 1 + (recipe.data.frames - 1) // tf
+    if cfg.history_frames + cfg.chunks * cfg.chunk_frames > latent_frames:
+        raise ValueError(f"stage distill: history_frames + chunks * chunk_frames = "
+                         f"{cfg.history_frames + cfg.chunks * cfg.chunk_frames} latent frames, but data clips of "
+                         f"{recipe.data.frames} frames have {latent_frames}; raise data.frames or lower chunks")
+    with ctx.console.status(f"rendering and encoding {recipe.data.train_clips} toy-world training clips"):
+        data = toyworld_latents("train", recipe.data.train_clips, latent_frames, recipe.data.toyworld,
+                                generator.backbone, ctx.run_dir / "cache", ctx.cache_key(), device=device)
+    text, null_text = text_embeddings(generator, recipe.data.prompt, cfg.batch_size, device)
+    sigmas = student_sigmas(cfg.student_steps, cfg.student_shift, device)
+    rng = torch.Generator().manual_seed(recipe.seed + 2)
+
+    def modules() -> dict[str, torch.nn.Module]:
+        out = {f"generator.{k}": m for k, m in generator.trainable_modules().items()}
+        out.update({f"critic.{k}": m for k, m in critic.trainable_modules().items()})
+        out.update({f"loss{i}": m for i, m in enumerate(losses) if isinstance(m, torch.nn.Module)})
+        if ema is not None:
+            out["ema"] = ema
+        return out
+
+    ckpt_dir = stage_dir / "checkpoints"
+    it, counts = 0, {"generator_updates": 0, "critic_updates": 0}
+    if ctx.resume and (ckpts := list_checkpoints(ckpt_dir)):
+        meta = load_checkpoint(ckpts[-1], modules(), {"generator": opt_g, "critic": opt_c}, rng)
+        it, counts = meta["step"], meta["extra"]["counts"]
+        ctx.console.print(f"resumed distill from {ckpts[-1].name} (iteration {it})")
+
+    history_g: list[float] = []
+    history_c: list[float] = []
+    started = time.time()
+    with progress_bar(ctx.console, "distill", cfg.steps, completed=it) as update:
+        while it < cfg.steps:
+            idx = torch.randint(len(data), (cfg.batch_size,), generator=rng)
+            history = data.latents[idx, :, :cfg.history_frames].to(device)
+            camera = data.camera.select(idx).to(device)
+            exit_step = int(torch.randint(cfg.student_steps, (1,), generator=rng))
+            train_generator = it % cfg.generator_every == 0
+            with torch.set_grad_enabled(train_generator):
+                rolled = self_rollout(generator, text, history, camera, cfg.chunks, cfg.chunk_frames, sigmas, rng,
+                                      exit_step, recipe.model.attention)
+
+            def steps(detach: bool) -> list[DistillStep]:
+                out = []
+                for chunk in rolled:
+                    if detach:
+                        chunk = type(chunk)(chunk.latents.detach(), chunk.window)
+                    sigma = sample_timestep(cfg.batch_size, cfg.timestep_shift, cfg.t_min, cfg.t_max, rng).to(device)
+                    out.append(DistillStep(chunk, teacher, critic, null_text, cfg.teacher_cfg, sigma,
+                                           cfg.timestep_shift, rng, **({"teacher_context": teacher_context}
+                                                                       if teacher_context else {})))
+                return out
+
+            if train_generator:
+                loss_g = _total(losses, steps(detach=False), "generator_loss")
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
+                opt_g.step()
+                if ema is not None:
+                    ema.update_parameters(generator)
+                counts["generator_updates"] += 1
+                history_g.append(_finite(loss_g.item(), "generator", it))
+            loss_c = _total(losses, steps(detach=True), "critic_loss")
+            opt_c.zero_grad(set_to_none=True)
+            loss_c.backward()
+            torch.nn.utils.clip_grad_norm_(critic_params, cfg.grad_clip)
+            opt_c.step()
+            counts["critic_updates"] += 1
+            history_c.append(_finite(loss_c.item(), "critic", it))
+            it += 1
+            update(critic=sum(history_c[-20:]) / len(history_c[-20:]), exit=exit_step)
+            if it % cfg.checkpoint_every == 0 and it < cfg.steps:
+                save_checkpoint(ckpt_dir, it, modules(), {"generator": opt_g, "critic": opt_c}, {"counts": counts}, rng)
+
+    final = ema.module if ema is not None else generator
+    save_weights(stage_dir / "model.safetensors", final.trainable_modules(),
+                 {"stage": "distill", "student_steps": str(cfg.student_steps), "student_shift": str(cfg.student_shift)})
+    return {"distill_iterations": it, **counts,
+            "distill_generator_loss_last": history_g[-1] if history_g else None,
+            "distill_critic_loss_last": sum(history_c[-10:]) / max(1, len(history_c[-10:])) if history_c else None,
+            "distill_seconds": round(time.time() - started, 1), "student_steps": cfg.student_steps}
+
+
+def _total(losses, steps, side: str) -> torch.Tensor:
+    """Mean over chunks of the sum over losses of one side's terms."""
+    total = None
+    for step in steps:
+        for loss in losses:
+            term = getattr(loss, side)(step)
+            if term is not None:
+                total = term if total is None else total + term
+    if total is None:
+        raise ValueError(f"no loss contributed a {side.replace('_', ' ')}")
+    return total / len(steps)
+
+
+def _finite(value: float, side: str, it: int) -> float:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"distill {side} loss is {value} at iteration {it}; lower stages.distill "
+                                 f"{'generator_lr' if side == 'generator' else 'critic_lr'}")
+    return value

@@ -1,0 +1,245 @@
+"""Stage 2: DMD on self-rollouts, backward simulation, the LoRA critic, cadence and resume."""
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from conftest import tiny_recipe
+
+
+def tiny_world(seed=0):
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import RunContext
+
+    torch.manual_seed(seed)
+    recipe = validate_recipe(tiny_recipe("/tmp/unused"))
+    return RunContext(recipe=recipe, run_dir=recipe.run_dir).build_world_model()
+
+
+def window_for(world, batch=2, history=2, k=2):
+    from biwm.core.toyworld import ToyWorldConfig, render_clips
+    from biwm.core.window import Window
+
+    clips = render_clips([1, 2][:batch], history + 2 * k, ToyWorldConfig(height=32, width=32))
+    latents = world.backbone.encode_video(clips.frames_float().transpose(1, 2))
+    text = world.backbone.encode_text([""]).expand(batch, -1, -1)
+    win = Window(text=text, chunk=latents[:, :, history:history + k], timestep=torch.zeros(batch),
+                 history=latents[:, :, :history], camera=clips.camera.frames(slice(0, history + k)))
+    return win, latents, clips.camera, text
+
+
+def test_student_sigmas_match_the_published_list():
+    from biwm.core.dmd import student_sigmas
+
+    assert (student_sigmas(4, 5.0) * 1000).tolist() == pytest.approx([1000, 937.5, 833.333, 625, 0], abs=1e-3)
+
+
+def test_backward_simulation_keeps_grad_only_at_the_exit_step():
+    from biwm.core.dmd import few_step_chunk, student_sigmas
+
+    world = tiny_world()
+    win, _, _, _ = window_for(world)
+    seen = []
+    forward = world.forward
+
+    def recording(window):
+        seen.append(torch.is_grad_enabled())
+        return forward(window)
+
+    world.forward = recording
+    sigmas = student_sigmas(4, 5.0)
+
+    def noise():
+        return torch.randn(win.chunk.shape)
+
+    x0 = few_step_chunk(world, win, sigmas, noise, exit_step=2)
+    assert seen == [False, False, True] and x0.requires_grad
+    x0.square().mean().backward()
+    assert world.backbone.trainable().proj_out.weight.grad is not None
+    seen.clear()
+    out = few_step_chunk(world, win, sigmas, noise)  # inference: every step, no graph
+    assert seen == [False] * 4 and not out.requires_grad
+    with pytest.raises(ValueError, match="exit_step 4 outside the 4 student steps"):
+        few_step_chunk(world, win, sigmas, noise, exit_step=4)
+
+
+def test_self_rollout_conditions_on_its_own_chunks():
+    from biwm.core.data import latent_aligned_camera
+    from biwm.core.dmd import self_rollout, student_sigmas
+
+    world = tiny_world()
+    _, latents, camera, text = window_for(world)
+    rolled = self_rollout(world, text, latents[:, :, :2], latent_aligned_camera(camera, 1), 2, 2, student_sigmas(2, 5.0),
+                          torch.Generator().manual_seed(0), exit_step=1)
+    assert [c.window.history.shape[2] for c in rolled] == [2, 4]
+    assert torch.equal(rolled[1].window.history[:, :, :2], latents[:, :, :2])
+    assert torch.equal(rolled[1].window.history[:, :, 2:], rolled[0].latents.detach())
+    assert not rolled[1].window.history.requires_grad and all(c.latents.requires_grad for c in rolled)
+    assert rolled[1].window.camera.num_frames == 6
+
+
+class KnownDenoiser(nn.Module):
+    """Predicts x̂0 = target(x_t) exactly: the velocity that makes predict_x0 return it."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+
+    def forward(self, window):
+        sigma = (window.timestep / 1000).view(-1, 1, 1, 1, 1)
+        return (window.chunk - self.target(window.chunk)) / sigma
+
+
+def test_dmd_moves_samples_toward_the_teacher():
+    """Teacher knows the data mode mu; the critic knows the generator's samples sit at x. The DMD
+    update must carry x to mu, and its direction is normalised per sample."""
+    from biwm.core.dmd import RolledChunk, dmd_direction, dmd_loss
+    from biwm.core.window import Window
+
+    mu = torch.full((2, 4, 2, 3, 3), 0.5)
+    x = nn.Parameter(torch.randn(2, 4, 2, 3, 3, generator=torch.Generator().manual_seed(0)) * 2)
+    teacher = KnownDenoiser(lambda x_t: mu)
+    critic = KnownDenoiser(lambda x_t: x.detach())
+    window = Window(text=torch.zeros(2, 1, 4), chunk=torch.zeros_like(mu), timestep=torch.zeros(2))
+    optimizer = torch.optim.SGD([x], lr=0.02 * x.numel())  # the loss is a mean over elements
+    rng = torch.Generator().manual_seed(1)
+    distances = [float((x.detach() - mu).abs().mean())]
+    for _ in range(70):
+        loss = dmd_loss(RolledChunk(x, window), teacher, critic, torch.zeros(1, 1, 4), 1.0, torch.full((2,), 0.5), rng)
+        optimizer.zero_grad()
+        loss.backward()
+        # the gradient on x is exactly the normalised direction, over the element count
+        expected = dmd_direction(x.detach(), mu, x.detach()) / x.numel()
+        torch.testing.assert_close(x.grad, expected)
+        optimizer.step()
+        distances.append(float((x.detach() - mu).abs().mean()))
+    assert all(b < a for a, b in zip(distances, distances[1:]))
+    assert distances[-1] < 0.2 * distances[0]
+    # per-sample weights (forward-KL's hook) scale each sample's push
+    loss = dmd_loss(RolledChunk(x, window), teacher, critic, torch.zeros(1, 1, 4), 1.0, torch.full((2,), 0.5), rng,
+                    weights=torch.tensor([0.0, 2.0]))
+    optimizer.zero_grad()
+    loss.backward()
+    assert x.grad[0].abs().sum() == 0 and x.grad[1].abs().sum() > 0
+
+
+def test_lora_critic_leaves_the_teacher_unchanged():
+    from biwm.core.dmd import RolledChunk, critic_loss
+    from biwm.core.lora import adapters_disabled, add_lora
+
+    world = tiny_world()
+    win, _, _, _ = window_for(world)
+    noisy = win.with_chunk(torch.randn(win.chunk.shape, generator=torch.Generator().manual_seed(3)),
+                           torch.full((2,), 600.0))
+    with torch.no_grad():
+        before = world(noisy)
+    world.requires_grad_(False)  # as in the stage: the teacher is frozen, then gets adapters
+    base = world.backbone.trainable()
+    params = add_lora(base, 4, ["to_q", "to_k", "to_v", "to_out.0"])
+    assert params and all(p.requires_grad for p in params)
+    assert {n for n, p in world.named_parameters() if p.requires_grad} == {
+        n for n, _ in world.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        torch.testing.assert_close(world(noisy), before)  # B starts at zero
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        loss = critic_loss(RolledChunk(win.chunk, win), world, 3.0, rng)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        critic_out = world(noisy)
+        with adapters_disabled(base):
+            teacher_out = world(noisy)
+        after = world(noisy)
+    torch.testing.assert_close(teacher_out, before, rtol=0, atol=0)
+    assert not torch.allclose(critic_out, before)
+    torch.testing.assert_close(after, critic_out)  # adapters back on
+    with pytest.raises(ValueError, match=r"lora_targets: \['to_q'\] match no layer"):
+        add_lora(nn.Sequential(nn.Linear(2, 2)), 2, ["to_q"])
+
+
+def distill_recipe(run_dir, **distill):
+    recipe = tiny_recipe(run_dir, finetune={"steps": 2})
+    recipe["stages"] = [recipe["stages"][0],
+                        {"stage": "distill", "steps": 5, "batch_size": 2, "history_frames": 2, "chunks": 2,
+                         "chunk_frames": 2, "student_steps": 2, "generator_every": 2, "checkpoint_every": 2,
+                         "generator_lr": 1e-4, "critic_lr": 1e-4, **distill}]
+    return recipe
+
+
+def run(data, resume=False):
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import run_recipe
+
+    return run_recipe(validate_recipe(data), resume=resume)
+
+
+def test_distill_stage_cadence_weights_and_student_sampling(tmp_path):
+    recipe = distill_recipe(tmp_path / "run")
+    recipe["stages"].append({"stage": "evaluate", "trajectories": 2, "history_frames": 2, "chunks": 1,
+                             "chunk_frames": 2, "steps": 7, "dynamics_scenes": 0, "shuffled_baseline": False,
+                             "write_report": False})
+    metrics = run(recipe)
+    distill = metrics["stages"]["distill"]
+    # two time-scale rule: the critic every iteration, the generator at iterations 0, 2, 4
+    assert distill["critic_updates"] == 5 and distill["generator_updates"] == 3
+    weights = tmp_path / "run" / "distill" / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        assert f.metadata()["stage"] == "distill" and f.metadata()["student_steps"] == "2"
+    stage1 = load_file(str(tmp_path / "run" / "finetune" / "model.safetensors"))
+    student = load_file(str(weights))
+    assert stage1.keys() == student.keys()
+    assert any(not torch.equal(stage1[k], student[k]) for k in stage1)  # the generator (EMA) moved
+    evaluation = metrics["stages"]["evaluate"]
+    assert evaluation["nfe_per_chunk"] == 2 and evaluation["cfg_scale"] == 1.0  # the student's steps, not 7
+    assert evaluation["sampler"].startswith("distilled generator, 2 steps")
+
+
+def test_distill_with_a_lora_critic_runs(tmp_path):
+    metrics = run(distill_recipe(tmp_path / "run", steps=2, critic="lora", lora_rank=2))
+    assert metrics["stages"]["distill"]["critic_updates"] == 2
+
+
+def test_resume_mid_distill_matches_an_uninterrupted_run(tmp_path, monkeypatch):
+    from biwm.core import dmd
+
+    run(distill_recipe(tmp_path / "a"))
+    reference = load_file(str(tmp_path / "a" / "distill" / "model.safetensors"))
+    crashed = distill_recipe(tmp_path / "b")
+    real = dmd.critic_loss
+    calls = {"n": 0}
+
+    def crash_in_iteration_three(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * 2 + 1:  # two chunks per iteration: the first chunk of iteration 3
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dmd, "critic_loss", crash_in_iteration_three)
+    with pytest.raises(KeyboardInterrupt):
+        run(crashed)
+    monkeypatch.undo()
+    stage = tmp_path / "b" / "distill"
+    assert [p.name for p in (stage / "checkpoints").iterdir()] == ["step_00000002"]
+    assert not (stage / "model.safetensors").exists()
+    metrics = run(crashed, resume=True)
+    assert metrics["stages"]["distill"]["critic_updates"] == 5 and metrics["stages"]["distill"]["generator_updates"] == 3
+    resumed = load_file(str(stage / "model.safetensors"))
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0, msg=key)
+
+
+def test_distill_recipe_errors(tmp_path):
+    from biwm.core.recipe import RecipeError, validate_recipe
+
+    recipe = distill_recipe(tmp_path / "r", losses=["gan"], t_min=990)
+    with pytest.raises(RecipeError) as exc:
+        validate_recipe(recipe)
+    text = str(exc.value)
+    assert "stages[1].losses[0].name: unknown loss 'gan'; allowed: dmd" in text
+    assert "t_min (990.0) must be below t_max (980.0)" in text
+    assert "the distill stage needs 'dmd'" in text
