@@ -236,10 +236,54 @@ def test_resume_mid_distill_matches_an_uninterrupted_run(tmp_path, monkeypatch):
 def test_distill_recipe_errors(tmp_path):
     from biwm.core.recipe import RecipeError, validate_recipe
 
-    recipe = distill_recipe(tmp_path / "r", losses=["gan"], t_min=990)
+    recipe = distill_recipe(tmp_path / "r", losses=["ganz"], t_min=990)
     with pytest.raises(RecipeError) as exc:
         validate_recipe(recipe)
     text = str(exc.value)
-    assert "stages[1].losses[0].name: unknown loss 'gan'; allowed: dmd" in text
+    assert "stages[1].losses[0].name: unknown loss 'ganz'; allowed: dmd, forward-kl, gan" in text
     assert "t_min (990.0) must be below t_max (980.0)" in text
     assert "the distill stage needs 'dmd'" in text
+    # forward-kl weights DMD by the GAN discriminator's density ratio: without gan it is an error
+    with pytest.raises(RecipeError, match=r"stages\[1\]: losses\[1\]: 'forward-kl' needs 'gan' in the same stage"):
+        validate_recipe(distill_recipe(tmp_path / "r", losses=["dmd", "forward-kl"]))
+    validate_recipe(distill_recipe(tmp_path / "r", losses=["dmd", "gan", "forward-kl"]))
+
+
+def test_init_from_a_model_with_other_controls(tmp_path):
+    """Secondary fine-tuning: a stage starts from any earlier biwm model; matching weights load, a new
+    control starts at zero, and what does not match is reported by name."""
+    import io
+
+    from rich.console import Console
+
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import RunContext
+    from biwm.core.stages.common import load_world_model
+
+    first = tiny_recipe(tmp_path / "a", finetune={"steps": 2})
+    first["model"]["controls"] = ["actions"]
+    first["stages"] = first["stages"][:1]
+    run(first)
+    weights = tmp_path / "a" / "finetune" / "model.safetensors"
+    trained = load_file(str(weights))
+
+    second = tiny_recipe(tmp_path / "b")
+    second["model"]["controls"] = ["plucker", "actions"]
+    recipe = validate_recipe(second)
+    out = io.StringIO()
+    ctx = RunContext(recipe=recipe, run_dir=tmp_path / "b", console=Console(file=out, width=300))
+    world = load_world_model(ctx, init=weights, strict=False)
+    state = {f"controls.{k}": v for k, v in world.controls.state_dict().items()}
+    for key, value in state.items():
+        if key.startswith("controls.actions."):
+            torch.testing.assert_close(value, trained[key])  # matching weights loaded
+    zero = [v for k, v in state.items() if k.startswith("controls.plucker.project.")]
+    assert zero and all(torch.count_nonzero(v) == 0 for v in zero)  # the new control starts at zero
+    assert "missing" in out.getvalue() and "controls.plucker." in out.getvalue()
+
+    # and the stages accept it as init: finetune, then distill from that stage-1 model
+    second["stages"] = [{**second["stages"][0], "steps": 1, "init": str(weights)},
+                        {"stage": "distill", "steps": 1, "batch_size": 2, "history_frames": 2, "chunks": 1,
+                         "chunk_frames": 2, "student_steps": 2, "init": str(weights)}]
+    metrics = run(second)
+    assert metrics["stages"]["distill"]["critic_updates"] == 1

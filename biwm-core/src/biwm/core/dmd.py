@@ -137,7 +137,8 @@ class DistillStep:
     critic_shift: float  # sigma shift of the critic's flow-matching loss
     generator: torch.Generator
     teacher_context: Callable = nullcontext  # e.g. LoRA adapters off: the critic's base is the teacher
-    dmd_weights: Tensor | None = None  # per-sample DMD weights (forward-KL sets them)
+    real: RolledChunk | None = None  # the true chunk at the same place, in its true-history window (GAN)
+    dmd_weights: Tensor | None = None  # per-sample DMD weights (forward-KL sets them in prepare())
 
 
 class DMDOptions(BaseModel):
@@ -149,7 +150,7 @@ class DMD(nn.Module):
     """The built-in loss ``dmd``: the DMD generator update, and the critic's flow matching on
     generated samples (the fake score it needs)."""
 
-    def __init__(self, options: DMDOptions | None = None):
+    def __init__(self, options: DMDOptions | None = None, **_):
         super().__init__()
         self.weight = (options or DMDOptions()).weight
 

@@ -112,8 +112,11 @@ class HistoryCompressor(Protocol):
 @runtime_checkable
 class DistillLoss(Protocol):
     """A term of the stage-2 objective (DMD, GAN, forward-KL), built by the ``distill`` stage with
-    its options. Both methods see one generated chunk as a ``biwm.core.dmd.DistillStep`` and return
-    a scalar to add to that side's loss, or None. A loss that is an ``nn.Module`` with parameters
+    its options (and ``backbone=``, the critic's). Both methods see one generated chunk as a
+    ``biwm.core.dmd.DistillStep`` and return a scalar to add to that side's loss, or None. Optional:
+    ``prepare(step)``, called on every loss before any generator loss (to set ``step.dmd_weights``);
+    ``bind(losses)``, called once with all the stage's losses; a class attribute ``requires``
+    naming losses that must be in the same stage. A loss that is an ``nn.Module`` with parameters
     (a discriminator head) has them trained with the critic."""
 
     def generator_loss(self, step: Any) -> Tensor | None: ...

@@ -15,14 +15,19 @@ if TYPE_CHECKING:
     from biwm.core.runner import RunContext
 
 
-def load_world_model(ctx: "RunContext", init: Path | None = None, strict: bool = True) -> WorldModel:
-    """The recipe's model, with weights from ``init`` or else the previous training stage."""
+def load_world_model(ctx: "RunContext", init: Path | None = None, strict: bool = True,
+                     report: bool = True) -> WorldModel:
+    """The recipe's model, with weights from ``init`` or else the previous training stage.
+
+    Not strict (an explicit ``init``, e.g. secondary fine-tuning with another control or
+    compressor): matching weights load, the rest keep their fresh (zero-initialised) values, and
+    missing, unexpected and mismatched names are printed."""
     world = ctx.build_world_model()
     source = init or ctx.previous_weights
     if source is not None:
-        report = load_module_state(world.trainable_modules(), load_file(str(source)), strict=strict, source=str(source))
-        for kind, names in report.items():
-            if names:
+        found = load_module_state(world.trainable_modules(), load_file(str(source)), strict=strict, source=str(source))
+        for kind, names in found.items():
+            if names and report:
                 ctx.console.print(f"[yellow]init {source}: {len(names)} {kind}[/] ({', '.join(names[:4])}"
                                   f"{' ...' if len(names) > 4 else ''})")
     return world

@@ -54,8 +54,19 @@ class DistillConfig(Strict):
         errors = []
         if self.t_min >= self.t_max:
             errors.append(f"t_min ({self.t_min}) must be below t_max ({self.t_max})")
-        if "dmd" not in [ref.name for ref in self.losses]:
+        names = [ref.name for ref in self.losses]
+        if "dmd" not in names:
             errors.append("losses: the distill stage needs 'dmd' (the other losses refine it)")
+        from biwm.core.plugins import UnknownPluginError, get_plugin_manager
+
+        for i, name in enumerate(names):
+            try:
+                factory = get_plugin_manager().get("loss", name).factory
+            except UnknownPluginError:
+                continue  # reported with the plugin references
+            missing = [need for need in getattr(factory, "requires", ()) if need not in names]
+            if missing:
+                errors.append(f"losses[{i}]: {name!r} needs {', '.join(map(repr, missing))} in the same stage's losses")
         return errors
 
 
@@ -64,16 +75,18 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
 
     from biwm.core.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_weights
     from biwm.core.data import toyworld_latents
-    from biwm.core.dmd import DistillStep, sample_timestep, self_rollout, student_sigmas
+    from biwm.core.dmd import DistillStep, RolledChunk, sample_timestep, self_rollout, student_sigmas
     from biwm.core.plugins import get_plugin_manager
     from biwm.core.runner import progress_bar
     from biwm.core.stages.common import load_world_model, text_embeddings
+    from biwm.core.window import Window
 
     recipe = ctx.recipe
     device = ctx.device
     torch.manual_seed(recipe.seed)
-    generator = load_world_model(ctx, init=cfg.init).to(device).train()
-    teacher = load_world_model(ctx, init=cfg.init).to(device).eval().requires_grad_(False)
+    strict = cfg.init is None  # an explicit init may come from a model with other controls or compressor
+    generator = load_world_model(ctx, init=cfg.init, strict=strict).to(device).train()
+    teacher = load_world_model(ctx, init=cfg.init, strict=strict, report=False).to(device).eval().requires_grad_(False)
     teacher_context = None
     if cfg.critic == "lora":
         from biwm.core.lora import adapters_disabled, add_lora
@@ -85,12 +98,16 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
         def teacher_context():
             return adapters_disabled(base)
     else:
-        critic = load_world_model(ctx, init=cfg.init).to(device).train()
+        critic = load_world_model(ctx, init=cfg.init, strict=strict, report=False).to(device).train()
         critic_params = list(critic.parameters())
     pm = get_plugin_manager()
     index = recipe.stages.index(cfg)
-    losses = [pm.get("loss", ref.name).create(recipe.resolved[f"stages[{index}].losses[{i}]"]).to(device)
+    losses = [pm.get("loss", ref.name).create(recipe.resolved[f"stages[{index}].losses[{i}]"],
+                                              backbone=critic.backbone).to(device)
               for i, ref in enumerate(cfg.losses)]
+    for loss in losses:
+        if hasattr(loss, "bind"):
+            loss.bind(losses)
     critic_params += [p for loss in losses if isinstance(loss, torch.nn.Module) for p in loss.parameters()]
     opt_g = torch.optim.AdamW([p for p in generator.parameters() if p.requires_grad], lr=cfg.generator_lr,
                               betas=cfg.betas)
@@ -131,7 +148,8 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
     with progress_bar(ctx.console, "distill", cfg.steps, completed=it) as update:
         while it < cfg.steps:
             idx = torch.randint(len(data), (cfg.batch_size,), generator=rng)
-            history = data.latents[idx, :, :cfg.history_frames].to(device)
+            clips = data.latents[idx].to(device)
+            history = clips[:, :, :cfg.history_frames]
             camera = data.camera.select(idx).to(device)
             exit_step = int(torch.randint(cfg.student_steps, (1,), generator=rng))
             train_generator = it % cfg.generator_every == 0
@@ -141,17 +159,31 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
 
             def steps(detach: bool) -> list[DistillStep]:
                 out = []
-                for chunk in rolled:
+                for c, chunk in enumerate(rolled):
                     if detach:
-                        chunk = type(chunk)(chunk.latents.detach(), chunk.window)
+                        chunk = RolledChunk(chunk.latents.detach(), chunk.window)
                     sigma = sample_timestep(cfg.batch_size, cfg.timestep_shift, cfg.t_min, cfg.t_max, rng).to(device)
                     out.append(DistillStep(chunk, teacher, critic, null_text, cfg.teacher_cfg, sigma,
-                                           cfg.timestep_shift, rng, **({"teacher_context": teacher_context}
-                                                                       if teacher_context else {})))
+                                           cfg.timestep_shift, rng, real=real_chunk(c),
+                                           **({"teacher_context": teacher_context} if teacher_context else {})))
                 return out
 
+            def real_chunk(c: int) -> RolledChunk:
+                """The true chunk c after its true history, in the window of the same length."""
+                start = cfg.history_frames + c * cfg.chunk_frames
+                end = start + cfg.chunk_frames
+                window = Window(text=text, chunk=clips[:, :, start:end], timestep=clips.new_zeros(cfg.batch_size),
+                                history=clips[:, :, :start], camera=camera.frames(slice(0, end * tf)),
+                                attention=recipe.model.attention)
+                return RolledChunk(clips[:, :, start:end], window)
+
             if train_generator:
-                loss_g = _total(losses, steps(detach=False), "generator_loss")
+                generator_steps = steps(detach=False)
+                for step in generator_steps:
+                    for loss in losses:
+                        if hasattr(loss, "prepare"):
+                            loss.prepare(step)
+                loss_g = _total(losses, generator_steps, "generator_loss")
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip)

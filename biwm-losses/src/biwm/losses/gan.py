@@ -1,0 +1,105 @@
+"""``gan``: a discriminator head on the critic (METHODS.md §4).
+
+A few learnable register tokens cross-attend to the critic's hidden states after a few blocks
+spread over its depth; their outputs, concatenated, go through an MLP to one logit. Real chunks
+(with their true history) and generated chunks (with the history they were generated from) are
+noised at the same t. Critic side: softplus(f) + softplus(-r) (+ optional R1 by finite
+differences); generator side: softplus(-f). The head's parameters train with the critic.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from biwm.core.schedule import add_noise
+from biwm.core.window import Window
+
+
+class GANOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    blocks: list[int] | None = Field(None, description="critic blocks whose outputs the head reads (default: three "
+                                     "spread over depth, e.g. 13, 20, 29 of 30)")
+    registers: int = Field(4, ge=1, description="learnable register tokens per tapped block")
+    heads: int = Field(4, ge=1, description="attention heads of the register cross-attention")
+    hidden: int = Field(256, ge=1, description="width of the logit MLP")
+    generator_weight: float = Field(1e-2, ge=0)
+    critic_weight: float = Field(1e-2, ge=0)
+    r1_weight: float = Field(0.0, ge=0, description="R1 penalty on real chunks, by finite differences (0: off)")
+    r1_eps: float = Field(0.01, gt=0, description="size of the finite-difference perturbation")
+
+
+def default_blocks(depth: int) -> list[int]:
+    return sorted({max(0, round(depth * f) - 1) for f in (0.45, 0.7, 1.0)})
+
+
+class GAN(nn.Module):
+    def __init__(self, options: GANOptions, backbone=None, **_):
+        super().__init__()
+        if backbone is None:
+            raise ValueError("the gan loss needs the critic's backbone")
+        blocks = getattr(backbone.trainable(), "blocks", None)
+        if blocks is None:
+            raise ValueError("the gan loss reads the backbone's transformer blocks (a `blocks` list); this backbone "
+                             "has none")
+        depth = len(blocks)
+        chosen = options.blocks if options.blocks is not None else default_blocks(depth)
+        bad = [b for b in chosen if not -depth <= b < depth]
+        if bad:
+            raise ValueError(f"gan blocks {bad} outside the critic's {depth} blocks")
+        self.blocks = [b % depth for b in chosen]
+        self.options = options
+        dim = backbone.hidden_dim
+        heads = options.heads if dim % options.heads == 0 else 1
+        self.registers = nn.Parameter(torch.randn(len(self.blocks), options.registers, dim) * 0.02)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in self.blocks)
+        self.attend = nn.ModuleList(nn.MultiheadAttention(dim, heads, batch_first=True) for _ in self.blocks)
+        self.head = nn.Sequential(nn.Linear(len(self.blocks) * options.registers * dim, options.hidden), nn.SiLU(),
+                                  nn.Linear(options.hidden, 1))
+
+    def logits(self, critic, window: Window) -> Tensor:
+        """One logit per sample: the critic runs on ``window`` and the head reads its blocks."""
+        modules = critic.backbone.trainable().blocks
+        captured: dict[int, Tensor] = {}
+        hooks = [modules[b].register_forward_hook(lambda _m, _i, out, b=b: captured.__setitem__(b, out))
+                 for b in self.blocks]
+        try:
+            critic(window)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        batch = window.chunk.shape[0]
+        feats = []
+        for i, b in enumerate(self.blocks):
+            states = self.norms[i](captured[b].float())
+            query = self.registers[i].expand(batch, -1, -1)
+            feats.append(self.attend[i](query, states, states, need_weights=False)[0])
+        return self.head(torch.cat(feats, dim=1).flatten(1)).squeeze(-1)
+
+    @staticmethod
+    def noised(latents: Tensor, window: Window, sigma: Tensor, generator: torch.Generator) -> Window:
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        return window.with_chunk(add_noise(latents, noise, sigma), sigma * 1000)
+
+    def generator_loss(self, step) -> Tensor | None:
+        if self.options.generator_weight == 0:
+            return None
+        fake = self.logits(step.critic, self.noised(step.chunk.latents, step.chunk.window, step.sigma, step.generator))
+        return self.options.generator_weight * F.softplus(-fake).mean()
+
+    def critic_loss(self, step) -> Tensor | None:
+        if step.real is None:
+            raise ValueError("the gan loss needs real chunks (the distill stage provides them)")
+        fake = self.logits(step.critic, self.noised(step.chunk.latents.detach(), step.chunk.window, step.sigma,
+                                                     step.generator))
+        real_window = self.noised(step.real.latents, step.real.window, step.sigma, step.generator)
+        real = self.logits(step.critic, real_window)
+        loss = F.softplus(fake).mean() + F.softplus(-real).mean()
+        if self.options.r1_weight > 0:
+            eps = self.options.r1_eps
+            bumped = real_window.with_chunk(real_window.chunk + eps * torch.randn(
+                real_window.chunk.shape, generator=step.generator).to(real_window.chunk.device), real_window.timestep)
+            loss = loss + self.options.r1_weight * ((self.logits(step.critic, bumped) - real) / eps).square().mean()
+        return self.options.critic_weight * loss
