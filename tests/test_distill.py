@@ -182,7 +182,7 @@ def test_distill_stage_cadence_weights_and_student_sampling(tmp_path):
     recipe = distill_recipe(tmp_path / "run")
     recipe["stages"].append({"stage": "evaluate", "trajectories": 2, "history_frames": 2, "chunks": 1,
                              "chunk_frames": 2, "steps": 7, "dynamics_scenes": 0, "shuffled_baseline": False,
-                             "write_report": False})
+                             "write_report": False, "teacher_steps": 5, "teacher_cfg": 3.0})
     metrics = run(recipe)
     distill = metrics["stages"]["distill"]
     # two time-scale rule: the critic every iteration, the generator at iterations 0, 2, 4
@@ -197,6 +197,12 @@ def test_distill_stage_cadence_weights_and_student_sampling(tmp_path):
     evaluation = metrics["stages"]["evaluate"]
     assert evaluation["nfe_per_chunk"] == 2 and evaluation["cfg_scale"] == 1.0  # the student's steps, not 7
     assert evaluation["sampler"].startswith("distilled generator, 2 steps")
+    # the teacher (stage 1, with CFG) on the same trajectories, side by side with the student
+    assert evaluation["teacher_nfe_per_chunk"] == 10 and evaluation["student_nfe_per_chunk"] == 2
+    assert evaluation["student_psnr"] == evaluation["psnr"] and evaluation["teacher_psnr"] != evaluation["psnr"]
+    for key in ("teacher_idm_accuracy", "student_idm_accuracy"):
+        assert 0 <= evaluation[key] <= 1
+    assert metrics["student_psnr"] == evaluation["psnr"]  # in the run's merged metrics.json too
 
 
 def test_distill_with_a_lora_critic_runs(tmp_path):

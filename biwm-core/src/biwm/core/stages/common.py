@@ -39,18 +39,23 @@ def text_embeddings(world: WorldModel, prompt: str, batch: int, device: torch.de
     return text.expand(batch, -1, -1), null
 
 
+def weights_metadata(ctx: "RunContext", init: Path | None) -> dict[str, str]:
+    """Metadata of the weights a stage would load (``init`` or the previous training stage's)."""
+    from safetensors import safe_open
+
+    source = init or ctx.previous_weights
+    if source is None:
+        return {}
+    with safe_open(str(source), "pt") as f:
+        return f.metadata() or {}
+
+
 def sampler_for(ctx: "RunContext", init: Path | None, steps: int, shift: float, cfg_scale: float):
     """The stage's sampler, unless the weights are a distilled generator: then its own few steps,
     no CFG (recorded in the weights' metadata by the distill stage)."""
-    from safetensors import safe_open
-
     from biwm.core.evaluation import Sampler
 
-    source = init or ctx.previous_weights
-    meta = {}
-    if source is not None:
-        with safe_open(str(source), "pt") as f:
-            meta = f.metadata() or {}
+    meta = weights_metadata(ctx, init)
     if meta.get("stage") == "distill":
         sampler = Sampler(int(meta["student_steps"]), float(meta["student_shift"]), 1.0, student=True)
     else:

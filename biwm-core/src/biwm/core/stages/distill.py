@@ -205,8 +205,10 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
                 save_checkpoint(ckpt_dir, it, modules(), {"generator": opt_g, "critic": opt_c}, {"counts": counts}, rng)
 
     final = ema.module if ema is not None else generator
+    teacher_weights = cfg.init or ctx.previous_weights
     save_weights(stage_dir / "model.safetensors", final.trainable_modules(),
-                 {"stage": "distill", "student_steps": str(cfg.student_steps), "student_shift": str(cfg.student_shift)})
+                 {"stage": "distill", "student_steps": str(cfg.student_steps), "student_shift": str(cfg.student_shift),
+                  "teacher": str(Path(teacher_weights).resolve()) if teacher_weights else ""})
     return {"distill_iterations": it, **counts,
             "distill_generator_loss_last": history_g[-1] if history_g else None,
             "distill_critic_loss_last": sum(history_c[-10:]) / max(1, len(history_c[-10:])) if history_c else None,

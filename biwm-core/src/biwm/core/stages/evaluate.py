@@ -35,6 +35,10 @@ class EvaluateConfig(Strict):
                                                     "data's rendering, trained and cached if there is none)")
     idm_steps: int = Field(6000, ge=1, description="training steps if an IDM has to be trained (minutes on a "
                                                    "GPU, long on a CPU: see biwm idm train)")
+    compare_teacher: bool = Field(True, description="for a distilled generator, also roll out its teacher on the "
+                                                   "same trajectories (teacher_* and student_* metrics)")
+    teacher_steps: int = Field(50, ge=1, description="the teacher's Euler steps per chunk")
+    teacher_cfg: float = Field(3.0, ge=0, description="the teacher's classifier-free guidance")
     seed: int = 0
     init: InputFile | None = Field(None, description="biwm model.safetensors to evaluate (default: previous stage)")
     write_report: bool = Field(True, description="write report.md and the PNG plots")
@@ -67,7 +71,7 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
                                       shuffled_camera, to_uint8, true_clip_scores)
     from biwm.core.idm import action_accuracy
     from biwm.core.runner import progress_bar
-    from biwm.core.stages.common import load_world_model, sampler_for, text_embeddings
+    from biwm.core.stages.common import load_world_model, sampler_for, text_embeddings, weights_metadata
 
     recipe = ctx.recipe
     toy = recipe.data.toyworld
@@ -91,6 +95,8 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
     sampler = sampler_for(ctx, cfg.init, cfg.steps, cfg.shift, cfg.cfg_scale)
     shuffled = cfg.shuffled_baseline and n > 1
     total_chunks = cfg.chunks * (2 if shuffled else 1) + (cfg.dynamics_chunks if cfg.dynamics_scenes else 0)
+    if sampler.student and cfg.compare_teacher:
+        total_chunks += cfg.chunks
 
     metrics: dict = {"trajectories": n, "history_latent_frames": cfg.history_frames, "chunks": cfg.chunks,
                      "chunk_latent_frames": cfg.chunk_frames, "steps": sampler.steps, "cfg_scale": sampler.cfg_scale,
@@ -119,6 +125,10 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
                                                                camera.actions[:, h_video:].cpu())["accuracy"]
             metrics["idm_accuracy_shuffled_commands"] = predicted["accuracy"]
         metrics.update(true_clip_scores(idm, data.frames, camera.actions))
+        teacher_path = weights_metadata(ctx, cfg.init).get("teacher") if sampler.student else None
+        if cfg.compare_teacher and teacher_path:
+            metrics.update(teacher_scores(ctx, cfg, Path(teacher_path), metrics, idm, history, camera, truth,
+                                          last_history, text, null_text, tick))
         if cfg.dynamics_scenes:
             metrics.update(dynamics_scores(world, text, null_text, toy, cfg.dynamics_scenes, cfg.diversity_samples,
                                            cfg.history_frames, cfg.dynamics_chunks, cfg.chunk_frames, sampler,
@@ -139,3 +149,29 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
                             torch.cat([data.frames[0, :h_video], to_uint8(correct[0])])],
                      strip_every=per_chunk)
     return metrics
+
+
+def teacher_scores(ctx, cfg: EvaluateConfig, path: Path, student: dict, idm, history, camera, truth,
+                   last_history, text, null_text, tick) -> dict:
+    """The distilled generator's teacher on the same trajectories: teacher_* metrics, and the
+    student's own under student_* names, side by side."""
+    from biwm.core.evaluation import Sampler, camera_scores, quality_scores, rollout_video, to_uint8
+    from biwm.core.stages.common import load_world_model
+
+    if not path.is_file():
+        ctx.console.print(f"[yellow]teacher weights {path} not found; no teacher comparison[/]")
+        return {}
+    teacher = load_world_model(ctx, init=path).to(ctx.device).eval()
+    sampler = Sampler(cfg.teacher_steps, cfg.shift, cfg.teacher_cfg)
+    ctx.console.print(f"teacher: {sampler.describe()}")
+    video = rollout_video(teacher, text, null_text, history, camera, cfg.chunks, cfg.chunk_frames, sampler, cfg.seed,
+                          ctx.recipe.model.attention, on_chunk=tick)
+    quality = quality_scores(video, truth, truth.shape[1] // cfg.chunks)
+    h_video = camera.num_frames - truth.shape[1]
+    follow = camera_scores(idm, torch.cat([last_history, to_uint8(video)], 1), camera, h_video,
+                           ctx.recipe.data.toyworld)
+    return {"teacher_psnr": quality["psnr"], "teacher_psnr_per_chunk": quality["psnr_per_chunk"],
+            "teacher_ssim": quality["ssim"], "teacher_idm_accuracy": follow["accuracy"],
+            "teacher_nfe_per_chunk": sampler.nfe_per_chunk, "teacher_sampler": sampler.describe(),
+            "student_psnr": student["psnr"], "student_ssim": student["ssim"],
+            "student_idm_accuracy": student["idm_accuracy"], "student_nfe_per_chunk": student["nfe_per_chunk"]}
