@@ -112,7 +112,9 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
     opt_g = torch.optim.AdamW([p for p in generator.parameters() if p.requires_grad], lr=cfg.generator_lr,
                               betas=cfg.betas)
     opt_c = torch.optim.AdamW(critic_params, lr=cfg.critic_lr, betas=cfg.betas)
-    ema = AveragedModel(generator, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    # EMA over what the generator trains (transformer, controls, compressor), not the codec it carries
+    trained = torch.nn.ModuleDict(generator.trainable_modules())
+    ema = AveragedModel(trained, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
 
     tf = generator.backbone.temporal_factor
     latent_frames = 1 + (recipe.data.frames - 1) // tf
@@ -189,7 +191,7 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
                 torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
                 opt_g.step()
                 if ema is not None:
-                    ema.update_parameters(generator)
+                    ema.update_parameters(trained)
                 counts["generator_updates"] += 1
                 history_g.append(_finite(loss_g.item(), "generator", it))
             loss_c = _total(losses, steps(detach=True), "critic_loss")
@@ -204,9 +206,9 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
             if it % cfg.checkpoint_every == 0 and it < cfg.steps:
                 save_checkpoint(ckpt_dir, it, modules(), {"generator": opt_g, "critic": opt_c}, {"counts": counts}, rng)
 
-    final = ema.module if ema is not None else generator
+    final = dict(ema.module.items()) if ema is not None else generator.trainable_modules()
     teacher_weights = cfg.init or ctx.previous_weights
-    save_weights(stage_dir / "model.safetensors", final.trainable_modules(),
+    save_weights(stage_dir / "model.safetensors", final,
                  {"stage": "distill", "student_steps": str(cfg.student_steps), "student_shift": str(cfg.student_shift),
                   "teacher": str(Path(teacher_weights).resolve()) if teacher_weights else ""})
     return {"distill_iterations": it, **counts,
