@@ -108,6 +108,6 @@ def test_shipped_idm_and_ssim_agree_on_cuda():
     gpu = load_idm(find_idm(cfg), cfg, "cuda").model
     a, b = cpu.predict(clips.frames), gpu.predict(clips.frames)
     assert (a == b).float().mean() >= 0.99  # TF32 convolutions may flip a near-tie
-    assert evaluate_idm(gpu, clips)["accuracy"] >= 0.9
+    assert evaluate_idm(gpu, clips.frames, clips.camera.actions)["accuracy"] >= 0.9
     x, y = clips.frames[:, :4], clips.frames[:, 4:8]
     assert torch.allclose(ssim(x.cuda(), y.cuda()).cpu(), ssim(x, y), atol=1e-5)

@@ -65,7 +65,8 @@ def test_ssim_identical_constant_and_shapes():
 def test_ssim_falls_with_shift():
     a = _patterns()[0]
     shifted = [ssim(a, torch.roll(a, s, dims=-1)).item() for s in (0, 1, 3)]
-    assert shifted[0] == pytest.approx(1.0, abs=1e-6) and shifted[0] > shifted[1] and shifted[1] > shifted[2] - 0.2
+    # the pattern repeats with no period near 1 or 3 pixels: a shift destroys its structure
+    assert shifted[0] == pytest.approx(1.0, abs=1e-6) and shifted[1] < 0.5 and shifted[2] < shifted[1]
 
 
 def test_motion_static_and_moving_square():

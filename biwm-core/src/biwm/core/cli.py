@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -56,10 +57,19 @@ def list_plugins(as_json: bool = typer.Option(False, "--json", help="machine-rea
 
 
 def _load(recipe: Path, overrides: list[str]):
-    from biwm.core.recipe import RecipeError, load_recipe
+    from biwm.core.recipe import load_recipe
+
+    with _recipe_errors():
+        return load_recipe(recipe, overrides)
+
+
+@contextmanager
+def _recipe_errors():
+    """A bad recipe: one error line per problem, exit code 2."""
+    from biwm.core.recipe import RecipeError
 
     try:
-        return load_recipe(recipe, overrides)
+        yield
     except RecipeError as exc:
         for line in str(exc).splitlines():
             err_console.print(f"[bold red]error:[/] {line}", highlight=False)
@@ -115,15 +125,12 @@ def _find_run(target: Path) -> tuple[Path, Path]:
     if run_dir is None:
         _fail(f"{target}: no recipe.yaml in it or in the folders above it; biwm eval needs a folder written by "
               "biwm run (or a model.safetensors inside one)")
-    if weights is None:  # a run folder: the last training stage that wrote weights
-        from biwm.core.stages import STAGE_CONFIGS
+    if weights is None:  # a run folder: the last stage that wrote weights
+        from biwm.core.runner import stage_folders
 
-        stages = [s.get("stage") for s in load_recipe_data(run_dir / "recipe.yaml").get("stages", [])]
-        counts: dict[str, int] = {}
-        for stage in stages:
-            counts[stage] = counts.get(stage, 0) + 1
-            name = stage if counts[stage] == 1 else f"{stage}{counts[stage]}"
-            if stage in STAGE_CONFIGS and (run_dir / name / "model.safetensors").is_file():
+        stages = [str(s.get("stage")) for s in load_recipe_data(run_dir / "recipe.yaml").get("stages", [])]
+        for name in stage_folders(stages):
+            if (run_dir / name / "model.safetensors").is_file():
                 weights = run_dir / name / "model.safetensors"
         if weights is None:
             _fail(f"{run_dir}: no stage folder holds a model.safetensors yet (has a training stage finished?)")
@@ -138,10 +145,8 @@ def eval_(target: Path = typer.Argument(..., help="run folder, stage folder, che
                                          "evaluate.chunks=20 or model.attention=causal (repeatable)"),
           out: Path = typer.Option(None, "--out", help="output folder (default: RUN_DIR/eval)")) -> None:
     """Score a trained model on the toy world: metrics.json, report.md and PNG plots."""
-    import json
-
     from biwm.core.checkpoint import atomic_write_text
-    from biwm.core.recipe import RecipeError, apply_overrides, load_recipe_data, validate_recipe
+    from biwm.core.recipe import apply_overrides, load_recipe_data, validate_recipe
     from biwm.core.runner import RunContext
     from biwm.core.stages.evaluate import run as run_evaluate
 
@@ -150,12 +155,8 @@ def eval_(target: Path = typer.Argument(..., help="run folder, stage folder, che
     old = [s for s in data.get("stages", []) if isinstance(s, dict) and s.get("stage") == "evaluate"]
     data["stages"] = [{**(old[-1] if old else {"stage": "evaluate"}), "init": str(weights.resolve())}]
     data["run_dir"] = str(run_dir)
-    try:
+    with _recipe_errors():
         recipe = validate_recipe(apply_overrides(data, set_), base_dir=run_dir, source=str(run_dir / "recipe.yaml"))
-    except RecipeError as exc:
-        for line in str(exc).splitlines():
-            err_console.print(f"[bold red]error:[/] {line}", highlight=False)
-        raise typer.Exit(EXIT_USAGE) from None
     _warn_broken()
     out = out or run_dir / "eval"
     console.print(f"evaluating {weights} ({recipe.model.attention} attention) -> {out}")
@@ -173,8 +174,6 @@ def compare(runs: list[str] = typer.Argument(..., help="NAME=FOLDER pairs; FOLDE
             notes: Path = typer.Option(None, help="markdown file appended to OUT.md (setup, budget, hardware)"),
             setup: Path = typer.Option(None, help="YAML/JSON mapping stored as 'setup' in OUT.json")) -> None:
     """Put several evaluations side by side."""
-    import json
-
     from biwm.core.report import compare_runs
 
     loaded = {}

@@ -21,10 +21,11 @@ from torch import Tensor
 from biwm.core.camera import CameraTrack, actions_to_poses
 from biwm.core.data import encode_clips, latent_aligned_camera, video_frames_for
 from biwm.core.dmd import student_sigmas
-from biwm.core.idm import InverseDynamicsModel, action_accuracy, chance_accuracy
-from biwm.core.metrics import diversity, finite_mean, motion, pose_errors, psnr, psnr_per_chunk, ssim
+from biwm.core.idm import InverseDynamicsModel, action_accuracy, evaluate_idm
+from biwm.core.metrics import diversity, finite_mean, motion, per_chunk, pose_errors, psnr, psnr_per_chunk, ssim
 from biwm.core.rollout import rollout
 from biwm.core.toyworld import ToyClips, ToyWorldConfig, render_clips, split_seeds
+from biwm.core.video import as_uint8
 from biwm.core.window import WorldModel
 
 
@@ -84,16 +85,12 @@ def rollout_video(world: WorldModel, text: Tensor, null_text: Tensor, history: T
     return torch.cat(pieces, dim=2).transpose(1, 2)
 
 
-def to_uint8(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.uint8 else ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def quality_scores(generated: Tensor, truth: Tensor, frames_per_chunk: int, prefix: str = "") -> dict[str, Any]:
     """PSNR and SSIM against the truth, overall and per chunk, with the drop from the first chunk
     to the last (the drift)."""
     psnr_chunks = psnr_per_chunk(generated, truth, frames_per_chunk)  # [B, C]
     ssim_frames = ssim(generated, truth)  # [B, T]
-    ssim_chunks = ssim_frames.unflatten(1, (-1, frames_per_chunk)).mean(2)
+    ssim_chunks = per_chunk(ssim_frames, frames_per_chunk).mean(2)
     p = [finite_mean(psnr_chunks[:, i]) for i in range(psnr_chunks.shape[1])]
     s = ssim_chunks.mean(0).tolist()
     last = len(p)
@@ -144,13 +141,14 @@ def dynamics_scores(world: WorldModel, text: Tensor, null_text: Tensor, config: 
     total = video_frames_for(history_frames + chunks * chunk_frames, tf)
     moving = still_camera_clips(scenes, total, config).to("cpu")
     frozen = still_camera_clips(scenes, total, config.model_copy(update={"max_speed": 0.0})).to("cpu")
-    frames = torch.cat([moving.frames, frozen.frames])
-    latents = encode_clips(ToyClips(frames, CameraTrack.cat([moving.camera, frozen.camera]), moving.seeds * 2), bb,
-                           device=device).latents
+    both = ToyClips(torch.cat([moving.frames, frozen.frames]), CameraTrack.cat([moving.camera, frozen.camera]),
+                    moving.seeds * 2)
+    frames = both.frames
+    latents = encode_clips(both, bb, device=device).latents
     rows = torch.arange(2 * scenes).repeat_interleave(samples)
     history = latents[rows, :, :history_frames].to(device)
-    camera = CameraTrack.cat([moving.camera, frozen.camera]).select(rows)
-    generated = to_uint8(rollout_video(world, text[:1].expand(len(rows), -1, -1), null_text, history, camera,
+    camera = both.camera.select(rows)
+    generated = as_uint8(rollout_video(world, text[:1].expand(len(rows), -1, -1), null_text, history, camera,
                                        chunks, chunk_frames, sampler, seed, attention, on_chunk))
     # From the last history frame on, one frame per chunk: each pair is one chunk apart.
     h_video = video_frames_for(history_frames, tf)
@@ -168,17 +166,12 @@ def dynamics_scores(world: WorldModel, text: Tensor, null_text: Tensor, config: 
 
 
 def true_clip_scores(idm: InverseDynamicsModel, frames: Tensor, actions: Tensor) -> dict[str, Any]:
-    """The IDM on true held-out frames: how much its verdicts can be trusted, and what it scores
-    against unrelated actions (another clip's)."""
-    predicted = idm.predict(frames)
-    actions = actions[:, 1:].cpu()
-    scores = action_accuracy(predicted, actions)
-    out = {"idm_accuracy_true_clips": scores["accuracy"],
-           "idm_translation_accuracy_true_clips": scores["translation_accuracy"],
-           "idm_rotation_accuracy_true_clips": scores["rotation_accuracy"],
-           "idm_per_translation_true_clips": scores["per_translation"],
-           "idm_per_rotation_true_clips": scores["per_rotation"],
-           "idm_chance": chance_accuracy(actions)}
-    if frames.shape[0] > 1:
-        out["idm_accuracy_true_clips_shuffled"] = action_accuracy(predicted, actions.roll(1, 0))["accuracy"]
+    """The IDM on true held-out frames (how much its verdicts can be trusted, and what it scores
+    against another clip's actions), under ``*_true_clips`` names."""
+    scores = evaluate_idm(idm, frames, actions)
+    out = {f"idm_{k}_true_clips": scores[k] for k in ("accuracy", "translation_accuracy", "rotation_accuracy",
+                                                         "per_translation", "per_rotation")}
+    out["idm_chance"] = scores["chance"]
+    if "shuffled_accuracy" in scores:
+        out["idm_accuracy_true_clips_shuffled"] = scores["shuffled_accuracy"]
     return out

@@ -176,12 +176,13 @@ def _pairs(clips: ToyClips) -> tuple[Tensor, Tensor, Tensor]:
     return f[:, :-1].flatten(0, 1), f[:, 1:].flatten(0, 1), clips.camera.actions[:, 1:].flatten()
 
 
-def evaluate_idm(model: InverseDynamicsModel, clips: ToyClips) -> dict[str, Any]:
-    """IDM scores on true clips: against their own actions, and against another clip's actions."""
-    predicted = model.predict(clips.frames)
-    actions = clips.camera.actions[:, 1:].cpu()
+def evaluate_idm(model: InverseDynamicsModel, frames: Tensor, actions: Tensor) -> dict[str, Any]:
+    """IDM scores on true clips (frames [B, T, 3, H, W], actions [B, T]): against their own
+    actions, against another clip's actions, and chance."""
+    predicted = model.predict(frames)
+    actions = actions[:, 1:].cpu()
     out = action_accuracy(predicted, actions)
-    if len(clips.seeds) > 1:
+    if frames.shape[0] > 1:
         out["shuffled_accuracy"] = action_accuracy(predicted, actions.roll(1, 0))["accuracy"]
     out["chance"] = chance_accuracy(actions)
     return out
@@ -226,7 +227,7 @@ def train_idm(config: ToyWorldConfig, train: IDMTrainConfig | None = None, devic
             progress(loss=loss.item())
     model.eval()
     heldout = render_clips(split_seeds("heldout", train.heldout_clips), train.clip_frames, config, device=device)
-    scores = evaluate_idm(model, heldout)
+    scores = evaluate_idm(model, heldout.frames, heldout.camera.actions)
     scores.update(steps=train.steps, seconds=round(time.time() - started, 1))
     return model, scores
 

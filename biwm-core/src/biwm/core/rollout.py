@@ -67,14 +67,17 @@ def rollout(world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor 
         if student_sigmas is not None:
             from biwm.core.dmd import few_step_chunk
 
-            shape = noise.shape
-            noises = iter([noise] + [torch.randn(shape, generator=generator, device="cpu").to(device)
-                                     for _ in range(len(student_sigmas) - 2)])
-            x = few_step_chunk(world, window, student_sigmas.to(device), lambda: next(noises))
-        for i in range(steps if student_sigmas is None else 0):
-            window = window.with_chunk(x, sigmas[i].expand(batch) * 1000)
-            v = guided_velocity(world, window, null_text, cfg_scale)
-            x = euler_step(x, v.to(x.dtype), sigmas[i], sigmas[i + 1])
+            first = [noise]  # the chunk's starting noise, then fresh noise for each re-noising
+
+            def draw() -> Tensor:
+                return first.pop() if first else torch.randn(noise.shape, generator=generator).to(device)
+
+            x = few_step_chunk(world, window, student_sigmas.to(device), draw)
+        else:
+            for i in range(steps):
+                window = window.with_chunk(x, sigmas[i].expand(batch) * 1000)
+                v = guided_velocity(world, window, null_text, cfg_scale)
+                x = euler_step(x, v.to(x.dtype), sigmas[i], sigmas[i + 1])
         history = torch.cat([history, x], dim=2)
         generated.append(x)
         if on_chunk is not None:

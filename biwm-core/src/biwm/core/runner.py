@@ -85,16 +85,23 @@ class RunContext:
         return json.dumps([m.name, self.recipe.resolved["model.backbone"].model_dump(mode="json")], sort_keys=True)
 
 
+def stage_folders(stage_names: list[str]) -> list[str]:
+    """Folder of each stage under run_dir: its name, numbered from the second of a kind (finetune2)."""
+    counts: dict[str, int] = {}
+    out = []
+    for name in stage_names:
+        counts[name] = counts.get(name, 0) + 1
+        out.append(name if counts[name] == 1 else f"{name}{counts[name]}")
+    return out
+
+
 def run_recipe(recipe: Recipe, resume: bool = False, console: Console | None = None) -> dict[str, Any]:
     console = console or Console()
     run_dir = Path(recipe.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.snapshot(), sort_keys=False))
     ctx = RunContext(recipe=recipe, run_dir=run_dir, resume=resume, console=console)
-    counts: dict[str, int] = {}
-    for index, stage in enumerate(recipe.stages):
-        counts[stage.stage] = counts.get(stage.stage, 0) + 1
-        name = stage.stage if counts[stage.stage] == 1 else f"{stage.stage}{counts[stage.stage]}"
+    for index, (stage, name) in enumerate(zip(recipe.stages, stage_folders(recipe.stage_names()))):
         stage_dir = run_dir / name
         done = stage_dir / DONE_MARKER
         if resume and done.is_file():

@@ -11,11 +11,16 @@ from PIL import Image
 from torch import Tensor
 
 
+def as_uint8(frames: Tensor) -> Tensor:
+    """Frames in [-1, 1] (or already uint8) -> uint8, same shape."""
+    if frames.dtype == torch.uint8:
+        return frames
+    return ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8(frames: Tensor) -> np.ndarray:
     """[T, 3, H, W] in [-1, 1] (or uint8) -> [T, H, W, 3] uint8."""
-    if frames.dtype != torch.uint8:
-        frames = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return frames.permute(0, 2, 3, 1).cpu().numpy()
+    return as_uint8(frames).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def write_mp4(path: Path, frames: Tensor, fps: int = 8, scale: int = 1) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -51,14 +52,14 @@ class DistillConfig(Strict):
     init: InputFile | None = Field(None, description="start from this biwm model.safetensors (default: previous stage)")
 
     def check(self, recipe) -> list[str]:
+        from biwm.core.plugins import UnknownPluginError, get_plugin_manager
+
         errors = []
         if self.t_min >= self.t_max:
             errors.append(f"t_min ({self.t_min}) must be below t_max ({self.t_max})")
         names = [ref.name for ref in self.losses]
         if "dmd" not in names:
             errors.append("losses: the distill stage needs 'dmd' (the other losses refine it)")
-        from biwm.core.plugins import UnknownPluginError, get_plugin_manager
-
         for i, name in enumerate(names):
             try:
                 factory = get_plugin_manager().get("loss", name).factory
@@ -87,7 +88,7 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
     strict = cfg.init is None  # an explicit init may come from a model with other controls or compressor
     generator = load_world_model(ctx, init=cfg.init, strict=strict).to(device).train()
     teacher = load_world_model(ctx, init=cfg.init, strict=strict, report=False).to(device).eval().requires_grad_(False)
-    teacher_context = None
+    teacher_context = nullcontext
     if cfg.critic == "lora":
         from biwm.core.lora import adapters_disabled, add_lora
 
@@ -166,8 +167,7 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
                         chunk = RolledChunk(chunk.latents.detach(), chunk.window)
                     sigma = sample_timestep(cfg.batch_size, cfg.timestep_shift, cfg.t_min, cfg.t_max, rng).to(device)
                     out.append(DistillStep(chunk, teacher, critic, null_text, cfg.teacher_cfg, sigma,
-                                           cfg.timestep_shift, rng, real=real_chunk(c),
-                                           **({"teacher_context": teacher_context} if teacher_context else {})))
+                                           cfg.timestep_shift, rng, teacher_context, real=real_chunk(c)))
                 return out
 
             def real_chunk(c: int) -> RolledChunk:

@@ -68,10 +68,11 @@ def resolve_idm(ctx, cfg: EvaluateConfig):
 def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
     from biwm.core.data import toyworld_latents, video_frames_for
     from biwm.core.evaluation import (camera_scores, dynamics_scores, quality_scores, rollout_video,
-                                      shuffled_camera, to_uint8, true_clip_scores)
+                                      shuffled_camera, true_clip_scores)
     from biwm.core.idm import action_accuracy
     from biwm.core.runner import progress_bar
     from biwm.core.stages.common import load_world_model, sampler_for, text_embeddings, weights_metadata
+    from biwm.core.video import as_uint8
 
     recipe = ctx.recipe
     toy = recipe.data.toyworld
@@ -104,21 +105,24 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
                      "nfe_per_chunk": sampler.nfe_per_chunk,
                      "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
     with progress_bar(ctx.console, "evaluate (chunks)", total_chunks) as update:
-        tick = lambda _i: update()  # noqa: E731
-        correct = rollout_video(world, text, null_text, history, camera, cfg.chunks, cfg.chunk_frames, sampler,
-                                cfg.seed, recipe.model.attention, on_chunk=tick)
+        def roll(model, how, cam=camera):
+            return rollout_video(model, text, null_text, history, cam, cfg.chunks, cfg.chunk_frames, how, cfg.seed,
+                                 recipe.model.attention, on_chunk=lambda _i: update())
+
+        def follows(video, cam=camera):
+            return camera_scores(idm, torch.cat([last_history, as_uint8(video)], 1), cam, h_video, toy)
+
+        correct = roll(world, sampler)
         metrics.update(quality_scores(correct, truth, per_chunk))
         metrics.update({k: v for k, v in quality_scores(last_history.expand_as(truth), truth, per_chunk,
                                                         "copy_last_frame_").items() if "chunk" in k or k.endswith("psnr")})
-        follow = camera_scores(idm, torch.cat([last_history, to_uint8(correct)], 1), camera, h_video, toy)
-        metrics.update({k if "error" in k else f"idm_{k}": v for k, v in follow.items()
+        metrics.update({k if "error" in k else f"idm_{k}": v for k, v in follows(correct).items()
                         if k not in ("predicted", "count")})
         if shuffled:
             other = shuffled_camera(camera, h_video, toy)
-            moved = rollout_video(world, text, null_text, history, other, cfg.chunks, cfg.chunk_frames, sampler,
-                                  cfg.seed, recipe.model.attention, on_chunk=tick)
+            moved = roll(world, sampler, other)
             metrics["psnr_shuffled_actions"] = quality_scores(moved, truth, per_chunk)["psnr"]
-            predicted = camera_scores(idm, torch.cat([last_history, to_uint8(moved)], 1), other, h_video, toy)
+            predicted = follows(moved, other)
             # Scored against the trajectory's own actions, which this rollout was not given: near chance
             # if the model follows its commands.
             metrics["idm_accuracy_shuffled"] = action_accuracy(predicted["predicted"],
@@ -127,13 +131,13 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
         metrics.update(true_clip_scores(idm, data.frames, camera.actions))
         teacher_path = weights_metadata(ctx, cfg.init).get("teacher") if sampler.student else None
         if cfg.compare_teacher and teacher_path:
-            metrics.update(teacher_scores(ctx, cfg, Path(teacher_path), metrics, idm, history, camera, truth,
-                                          last_history, text, null_text, tick))
+            metrics.update(teacher_scores(ctx, cfg, Path(teacher_path), metrics,
+                                          lambda video: (quality_scores(video, truth, per_chunk), follows(video)), roll))
         if cfg.dynamics_scenes:
             metrics.update(dynamics_scores(world, text, null_text, toy, cfg.dynamics_scenes, cfg.diversity_samples,
                                            cfg.history_frames, cfg.dynamics_chunks, cfg.chunk_frames, sampler,
                                            cfg.seed + 1, recipe.model.attention, device, cfg.motion_threshold,
-                                           on_chunk=tick))
+                                           on_chunk=lambda _i: update()))
 
     ctx.console.print(
         f"evaluate: IDM accuracy {metrics['idm_accuracy']:.3f} (true clips {metrics['idm_accuracy_true_clips']:.3f}, "
@@ -146,16 +150,16 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
 
         write_report(stage_dir, metrics, title=f"{recipe.name}: evaluation",
                      strip=[torch.cat([data.frames[0, :h_video], truth[0]]),
-                            torch.cat([data.frames[0, :h_video], to_uint8(correct[0])])],
+                            torch.cat([data.frames[0, :h_video], as_uint8(correct[0])])],
                      strip_every=per_chunk)
     return metrics
 
 
-def teacher_scores(ctx, cfg: EvaluateConfig, path: Path, student: dict, idm, history, camera, truth,
-                   last_history, text, null_text, tick) -> dict:
+def teacher_scores(ctx, cfg: EvaluateConfig, path: Path, student: dict, score, roll) -> dict:
     """The distilled generator's teacher on the same trajectories: teacher_* metrics, and the
-    student's own under student_* names, side by side."""
-    from biwm.core.evaluation import Sampler, camera_scores, quality_scores, rollout_video, to_uint8
+    student's own under student_* names, side by side. ``roll(model, sampler)`` rolls out the
+    evaluation's trajectories; ``score(video)`` gives (quality_scores, camera_scores)."""
+    from biwm.core.evaluation import Sampler
     from biwm.core.stages.common import load_world_model
 
     if not path.is_file():
@@ -164,12 +168,7 @@ def teacher_scores(ctx, cfg: EvaluateConfig, path: Path, student: dict, idm, his
     teacher = load_world_model(ctx, init=path).to(ctx.device).eval()
     sampler = Sampler(cfg.teacher_steps, cfg.shift, cfg.teacher_cfg)
     ctx.console.print(f"teacher: {sampler.describe()}")
-    video = rollout_video(teacher, text, null_text, history, camera, cfg.chunks, cfg.chunk_frames, sampler, cfg.seed,
-                          ctx.recipe.model.attention, on_chunk=tick)
-    quality = quality_scores(video, truth, truth.shape[1] // cfg.chunks)
-    h_video = camera.num_frames - truth.shape[1]
-    follow = camera_scores(idm, torch.cat([last_history, to_uint8(video)], 1), camera, h_video,
-                           ctx.recipe.data.toyworld)
+    quality, follow = score(roll(teacher, sampler))
     return {"teacher_psnr": quality["psnr"], "teacher_psnr_per_chunk": quality["psnr_per_chunk"],
             "teacher_ssim": quality["ssim"], "teacher_idm_accuracy": follow["accuracy"],
             "teacher_nfe_per_chunk": sampler.nfe_per_chunk, "teacher_sampler": sampler.describe(),

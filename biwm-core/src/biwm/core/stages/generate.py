@@ -43,7 +43,8 @@ class GenerateConfig(Strict):
 def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
     from biwm.core.camera import CameraTrack, actions_to_poses, parse_keys
     from biwm.core.data import toyworld_latents, video_frames_for
-    from biwm.core.evaluation import rollout_video, shuffled_camera, to_uint8
+    from biwm.core.evaluation import rollout_video, shuffled_camera
+    from biwm.core.video import as_uint8
     from biwm.core.metrics import psnr
     from biwm.core.stages.common import load_world_model, sampler_for, text_embeddings
     from biwm.core.video import write_mp4, write_strip
@@ -94,9 +95,9 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
         return metrics
     for i in range(n):
         # side by side: truth | correct | shuffled, after the shared true history
-        video = torch.cat([torch.cat([past[i], to_uint8(rows[k][i])]) for k in rows], dim=-1)
+        video = torch.cat([torch.cat([past[i], as_uint8(rows[k][i])]) for k in rows], dim=-1)
         write_mp4(stage_dir / f"trajectory_{i}.mp4", video, fps=cfg.fps, scale=4)
-    write_strip(stage_dir / "strip.png", [torch.cat([past[0], to_uint8(rows[k][0])]) for k in rows],
+    write_strip(stage_dir / "strip.png", [torch.cat([past[0], as_uint8(rows[k][0])]) for k in rows],
                 scale=max(1, 128 // past.shape[-1]))
     if cfg.keys is not None:
         keys = parse_keys(cfg.keys).to(raw_camera.c2w.device)
@@ -108,6 +109,6 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
         c2w[:, h_video:h_video + frames] = actions_to_poses(actions[:, h_video:h_video + frames], first.c2w[:, h_video - 1],
                                                             recipe.data.toyworld.move_step, recipe.data.toyworld.turn_step_deg)
         keyed = generate(CameraTrack(c2w, first.intrinsics, actions), f"keys {cfg.keys}", slice(0, 1))
-        write_mp4(stage_dir / "keys.mp4", torch.cat([past[0], to_uint8(keyed[0])]), fps=cfg.fps, scale=4)
+        write_mp4(stage_dir / "keys.mp4", torch.cat([past[0], as_uint8(keyed[0])]), fps=cfg.fps, scale=4)
         metrics["keys"] = cfg.keys
     return metrics
