@@ -125,6 +125,13 @@ def test_biwm_eval_bad_targets(tmp_path):
     proc = subprocess.run(biwm_cmd() + ["compare", "a=" + str(tmp_path / "empty"), "--out", str(tmp_path / "c")],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "metrics.json not found" in proc.stderr
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "metrics.json").write_text(json.dumps({"idm_accuracy": 0.5}))
+    (tmp_path / "setup.yaml").write_text("hardware: a: b\n")
+    proc = subprocess.run(biwm_cmd() + ["compare", "a=" + str(tmp_path / "m"), "--out", str(tmp_path / "c"),
+                                        "--setup", str(tmp_path / "setup.yaml")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "setup.yaml is not valid YAML" in proc.stderr, proc.stderr
+    assert not list(tmp_path.glob("c*"))
 
 
 def test_evaluate_rejects_an_idm_for_another_rendering(tmp_path):

@@ -196,7 +196,10 @@ def compare(runs: list[str] = typer.Argument(..., help="NAME=FOLDER pairs; FOLDE
     if setup is not None:
         import yaml
 
-        setup_data = yaml.safe_load(setup.read_text())
+        try:
+            setup_data = yaml.safe_load(setup.read_text())
+        except yaml.YAMLError as e:
+            _fail(f"--setup: {setup} is not valid YAML: {e}")
         if not isinstance(setup_data, dict):
             _fail(f"--setup: {setup} must hold a mapping")
     compare_runs(loaded, out, title, notes.read_text() if notes else "", setup=setup_data)

@@ -156,7 +156,7 @@ def write_report(folder: Path, metrics: dict[str, Any], title: str, strip: list[
 # Keys every comparison reports per run, when present.
 COMPARE_KEYS = ["idm_accuracy", "idm_translation_accuracy", "idm_rotation_accuracy", "idm_accuracy_shuffled",
                 "psnr", "ssim", "psnr_chunk1", "psnr_last", "psnr_drop", "ssim_chunk1", "dynamics", "diversity",
-                "rotation_error_deg", "translation_error", "nfe_per_chunk"]
+                "dynamics_generated", "dynamics_generated_frozen", "rotation_error_deg", "translation_error", "nfe_per_chunk"]
 
 
 def compare_runs(runs: dict[str, dict[str, Any]], out: Path, title: str, notes: str = "",
