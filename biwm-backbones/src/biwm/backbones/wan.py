@@ -229,6 +229,18 @@ class WanBackbone(nn.Module):
     def patch_embed(self, latents: Tensor) -> Tensor:
         return self.transformer.patch_embedding(latents.to(self.dtype))
 
+    @property
+    def patch_embedding(self) -> nn.Conv3d:
+        return self.transformer.patch_embedding
+
+    def attention_features(self, tokens: Tensor, block: int = 0) -> tuple[Tensor, Tensor]:
+        blk = self.transformer.blocks[block]
+        attn = blk.attn1
+        x = blk.norm1(tokens.float()).type_as(tokens)  # the block's pre-attention norm, without modulation
+        q = attn.norm_q(attn.to_q(x)) if attn.norm_q is not None else attn.to_q(x)
+        k = attn.norm_k(attn.to_k(x)) if attn.norm_k is not None else attn.to_k(x)
+        return q.unflatten(-1, (attn.heads, -1)), k.unflatten(-1, (attn.heads, -1))
+
     def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         from diffusers.models.embeddings import get_1d_rotary_pos_embed
 

@@ -113,30 +113,12 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
 
 
 def _find_run(target: Path) -> tuple[Path, Path]:
-    """(run folder, weights) for a run folder, a stage folder, a checkpoint folder or a model file."""
-    from biwm.core.recipe import load_recipe_data
+    from biwm.core.runner import RunNotFound, find_run
 
-    if not target.exists():
-        _fail(f"{target}: no such file or folder; expected a run folder, a stage folder or a model.safetensors")
-    weights = target if target.is_file() else None
-    if weights is None and (target / "model.safetensors").is_file():
-        weights = target / "model.safetensors"
-    run_dir = next((p for p in [target, *target.parents][:5] if (p / "recipe.yaml").is_file()), None)
-    if run_dir is None:
-        _fail(f"{target}: no recipe.yaml in it or in the folders above it; biwm eval needs a folder written by "
-              "biwm run (or a model.safetensors inside one)")
-    if weights is None:  # a run folder: the last stage that wrote weights
-        from biwm.core.runner import stage_folders
-
-        stages = [str(s.get("stage")) for s in load_recipe_data(run_dir / "recipe.yaml").get("stages", [])]
-        for name in stage_folders(stages):
-            if (run_dir / name / "model.safetensors").is_file():
-                weights = run_dir / name / "model.safetensors"
-        if weights is None:
-            _fail(f"{run_dir}: no stage folder holds a model.safetensors yet (has a training stage finished?)")
-    if weights.suffix != ".safetensors":
-        _fail(f"{weights}: expected a .safetensors model file")
-    return run_dir, weights
+    try:
+        return find_run(target)
+    except RunNotFound as e:
+        _fail(str(e))
 
 
 @app.command("eval")
@@ -146,15 +128,12 @@ def eval_(target: Path = typer.Argument(..., help="run folder, stage folder, che
           out: Path = typer.Option(None, "--out", help="output folder (default: RUN_DIR/eval)")) -> None:
     """Score a trained model on the toy world: metrics.json, report.md and PNG plots."""
     from biwm.core.checkpoint import atomic_write_text
-    from biwm.core.recipe import apply_overrides, load_recipe_data, validate_recipe
-    from biwm.core.runner import RunContext
+    from biwm.core.recipe import apply_overrides, validate_recipe
+    from biwm.core.runner import RunContext, evaluation_recipe_data
     from biwm.core.stages.evaluate import run as run_evaluate
 
     run_dir, weights = _find_run(target)
-    data = load_recipe_data(run_dir / "recipe.yaml")
-    old = [s for s in data.get("stages", []) if isinstance(s, dict) and s.get("stage") == "evaluate"]
-    data["stages"] = [{**(old[-1] if old else {"stage": "evaluate"}), "init": str(weights.resolve())}]
-    data["run_dir"] = str(run_dir)
+    data = evaluation_recipe_data(run_dir, weights)
     with _recipe_errors():
         recipe = validate_recipe(apply_overrides(data, set_), base_dir=run_dir, source=str(run_dir / "recipe.yaml"))
     _warn_broken()

@@ -27,7 +27,7 @@ class LastFrames(nn.Module):
         return (sl.stop - sl.start) * grid_hw[0] * grid_hw[1]
 
     def compress(self, latents: Tensor, frame_index: Tensor, control: Tensor | None,
-                 backbone: Backbone, modulation: Tensor | None = None) -> HistoryTokens:
+                 backbone: Backbone, modulation: Tensor | None = None, query: Tensor | None = None) -> HistoryTokens:
         tokens = backbone.patch_embed(latents)
         if control is not None:
             tokens = tokens + control.to(tokens.dtype)

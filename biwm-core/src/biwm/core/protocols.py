@@ -53,6 +53,14 @@ class Backbone(Protocol):
     def patch_embed(self, latents: Tensor) -> Tensor:
         """[B, C, F, h, w] -> [B, D, F/pt, h/ph, w/pw] with the backbone's own patch embedding."""
 
+    @property
+    def patch_embedding(self) -> nn.Conv3d:
+        """The backbone's own patch-embedding convolution (compressors derive coarser kernels from it)."""
+
+    def attention_features(self, tokens: Tensor, block: int = 0) -> tuple[Tensor, Tensor]:
+        """Self-attention queries and keys [B, L, heads, head_dim] of ``block`` for [B, L, D] tokens,
+        before rotary embedding (history selection by attention score)."""
+
     def rotary(self, positions: Tensor) -> Any:
         """Rotary embedding for arbitrary (also fractional) [L, 3] (frame, row, col) positions."""
 
@@ -97,14 +105,17 @@ class HistoryCompressor(Protocol):
     """History latents -> a bounded number of history tokens with positions."""
 
     def compress(self, latents: Tensor, frame_index: Tensor, control: Tensor | None,
-                 backbone: Backbone, modulation: Tensor | None = None) -> HistoryTokens:
+                 backbone: Backbone, modulation: Tensor | None = None, query: Tensor | None = None) -> HistoryTokens:
         """``latents`` [B, C, F, h, w] clean history frames read (see ``frames_needed``) at
         latent-frame positions ``frame_index`` [F]; ``control`` / ``modulation`` the token- and
         modulation-targeted control of those frames at token resolution [B, D, F, h', w'] or None,
-        to be pooled exactly like the tokens."""
+        to be pooled exactly like the tokens. ``query`` [B, Lc, D]: the embedded tokens of the chunk
+        being generated (for selection by attention score), or None. Returned positions are in the
+        window's frame coordinates: the chunk starts at frame ``frame_index[-1] + 1``."""
 
-    def frames_needed(self, history_length: int) -> slice:
-        """Which history latent frames the compressor reads (so callers embed only those)."""
+    def frames_needed(self, history_length: int) -> "slice | list[int]":
+        """Which history latent frames the compressor reads (so callers embed only those): a slice,
+        or a sorted list of frame indices."""
 
     def token_budget(self, history_length: int, grid_hw: tuple[int, int]) -> int: ...
 

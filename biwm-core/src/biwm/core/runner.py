@@ -123,3 +123,49 @@ def run_recipe(recipe: Recipe, resume: bool = False, console: Console | None = N
         ctx.metrics.setdefault("stages", {})[name] = stage_metrics
         atomic_write_text(run_dir / "metrics.json", json.dumps(ctx.metrics, indent=2))
     return ctx.metrics
+
+
+class RunNotFound(ValueError):
+    """A path that is not (inside) a folder written by ``biwm run``."""
+
+
+def find_run(target: Path) -> tuple[Path, Path]:
+    """(run folder, weights) for a run folder (its last stage that wrote weights), a stage folder,
+    a checkpoint folder or a model file inside a run."""
+    from biwm.core.recipe import load_recipe_data
+
+    target = Path(target)
+    if not target.exists():
+        raise RunNotFound(f"{target}: no such file or folder; expected a run folder, a stage folder or a "
+                          "model.safetensors")
+    weights = target if target.is_file() else None
+    if weights is None and (target / "model.safetensors").is_file():
+        weights = target / "model.safetensors"
+    run_dir = next((p for p in [target, *target.parents][:5] if (p / "recipe.yaml").is_file()), None)
+    if run_dir is None:
+        raise RunNotFound(f"{target}: no recipe.yaml in it or in the folders above it; expected a folder written by "
+                          "biwm run (or a model.safetensors inside one)")
+    if weights is None:
+        stages = [str(s.get("stage")) for s in load_recipe_data(run_dir / "recipe.yaml").get("stages", [])]
+        for name in stage_folders(stages):
+            if (run_dir / name / "model.safetensors").is_file():
+                weights = run_dir / name / "model.safetensors"
+        if weights is None:
+            raise RunNotFound(f"{run_dir}: no stage folder holds a model.safetensors yet (has a training stage "
+                              "finished?)")
+    if weights.suffix != ".safetensors":
+        raise RunNotFound(f"{weights}: expected a .safetensors model file")
+    return run_dir, weights
+
+
+def evaluation_recipe_data(run_dir: Path, weights: Path) -> dict[str, Any]:
+    """The run's recipe (unvalidated, for ``--set`` overrides) reduced to one ``evaluate`` stage of
+    ``weights``: the run's own evaluate settings if it had any."""
+    from biwm.core.recipe import load_recipe_data
+
+    data = load_recipe_data(run_dir / "recipe.yaml")
+    old = [s for s in data.get("stages", []) if isinstance(s, dict) and s.get("stage") == "evaluate"]
+    data["stages"] = [{**(old[-1] if old else {"stage": "evaluate"}), "init": str(Path(weights).resolve())}]
+    data["run_dir"] = str(run_dir)
+    return data
+

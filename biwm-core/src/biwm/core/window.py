@@ -82,16 +82,22 @@ class WorldModel(nn.Module):
             out[control.target] = emb if out[control.target] is None else out[control.target] + emb
         return out
 
-    def history_tokens(self, window: Window, camera: CameraTrack | None, hw: tuple[int, int]) -> HistoryTokens | None:
+    def history_tokens(self, window: Window, camera: CameraTrack | None, hw: tuple[int, int],
+                       query: Tensor | None = None) -> HistoryTokens | None:
         length = window.history_length
         if length == 0:
             return None
-        sl = self.compressor.frames_needed(length)
+        needed = self.compressor.frames_needed(length)
         device = window.chunk.device
-        frames = torch.arange(sl.start, sl.stop, device=device)
+        if isinstance(needed, slice):
+            frames = torch.arange(needed.start, needed.stop, device=device)
+            latents = window.history[:, :, needed]
+        else:  # a sorted list of frame indices (e.g. an anchor frame plus the newest frames)
+            frames = torch.tensor(list(needed), device=device)
+            latents = window.history.index_select(2, frames)
         control = self.control_embedding(camera, frames, (len(frames), *hw), window.control_mask)
-        return self.compressor.compress(window.history[:, :, sl], frames, control["tokens"], self.backbone,
-                                        modulation=control["modulation"])
+        return self.compressor.compress(latents, frames, control["tokens"], self.backbone,
+                                        modulation=control["modulation"], query=query)
 
     def forward(self, window: Window) -> Tensor:
         """Velocity prediction for the window's chunk, [B, C, K, h, w]."""
@@ -116,7 +122,7 @@ class WorldModel(nn.Module):
         chunk_mod = None if control["modulation"] is None else control["modulation"].flatten(2).transpose(1, 2)
         chunk_pos = grid_positions(chunk_frames * 1.0, grid[1], grid[2], device=chunk_seq.device)
 
-        history = self.history_tokens(window, camera, grid[1:])
+        history = self.history_tokens(window, camera, grid[1:], query=chunk_seq)
         batch = chunk_seq.shape[0]
         t_chunk = window.timestep.to(chunk_seq.device, torch.float32)[:, None].expand(batch, chunk_seq.shape[1])
         if history is None:
