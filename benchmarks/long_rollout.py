@@ -80,27 +80,30 @@ def measure(run: Path, overrides: list[str], args, device: str) -> dict[str, Any
         counts.append(tokens.shape[1])
         return run_blocks(tokens, *a, **kw)
 
-    bb.run_blocks = counted
-    roll = lambda chunks, on_chunk=None: rollout_video(  # noqa: E731
-        world, text, null_text, history, camera, chunks, args.chunk_frames, sampler, args.seed,
-        recipe.model.attention, on_chunk=on_chunk)
-    roll(min(2, args.chunks))  # warm-up (kernels, allocator)
-    counts.clear()
-    tokens, seconds, marks = [], [], [time.perf_counter()]
+    def roll(chunks: int, on_chunk=None):
+        return rollout_video(world, text, null_text, history, camera, chunks, args.chunk_frames, sampler, args.seed,
+                             recipe.model.attention, on_chunk=on_chunk)
+
+    tokens, seconds, marks = [], [], []
 
     def chunk_done(_i: int) -> None:
         marks.append(time.perf_counter())
         seconds.append(marks[-1] - marks[-2])
         tokens.append(counts[-1])
 
-    video = roll(args.chunks, chunk_done)
+    bb.run_blocks = counted
+    try:
+        roll(min(2, args.chunks))  # warm-up (kernels, allocator)
+        marks.append(time.perf_counter())
+        video = roll(args.chunks, chunk_done)
+    finally:
+        bb.run_blocks = run_blocks
     quality = quality_scores(video, truth, args.chunk_frames * tf)
     comp = recipe.model.compressor
     out = {"compressor": comp.name, "compressor_options": recipe.resolved["model.compressor"].model_dump(mode="json"),
            "weights": str(weights), "sampler": sampler.describe(), "tokens_per_window": tokens,
            "sec_per_chunk": seconds, "psnr_per_chunk": quality["psnr_per_chunk"],
            "ssim_per_chunk": quality["ssim_per_chunk"], "psnr": quality["psnr"], "ssim": quality["ssim"]}
-    bb.run_blocks = run_blocks
     return summarise(out)
 
 

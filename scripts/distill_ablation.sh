@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 parallel=0
 if [[ "${1:-}" == "--parallel" ]]; then parallel=1; shift; fi
 BIWM=${BIWM:-biwm}
+PY=${PYTHON:-python}
 out=${ABLATION_OUT:-docs/results/distill_ablation}
 teacher=runs/bidirectional
 if [[ ! -f $teacher/finetune/model.safetensors ]]; then
@@ -28,11 +29,17 @@ for name in dmd dmd_gan dmd_gan_fkl; do
     "${cmd[@]}"
   fi
 done
-# The teacher on the students' evaluation: the same trajectories, chunks and still-camera scenes,
-# with the teacher's sampler (50 Euler steps, CFG 3).
-$BIWM eval $teacher --out runs/ablation/teacher \
-  --set evaluate.steps=50 --set evaluate.cfg_scale=3 --set evaluate.trajectories=32 --set evaluate.chunks=10 \
-  --set evaluate.dynamics_scenes=8 --set evaluate.diversity_samples=4 --set evaluate.dynamics_chunks=3
+# The teacher on the students' evaluation: the recipe's own evaluate settings (same trajectories,
+# chunks and still-camera scenes), with the teacher's sampler (50 Euler steps, CFG 3).
+mapfile -t same < <($PY - <<'PY'
+import yaml
+stage = next(s for s in yaml.safe_load(open("examples/distill_ablation.yaml"))["stages"] if s["stage"] == "evaluate")
+for key, value in stage.items():
+    if key not in ("stage", "compare_teacher"):
+        print(f"--set\nevaluate.{key}={value}")
+PY
+)
+$BIWM eval $teacher --out runs/ablation/teacher "${same[@]}" --set evaluate.steps=50 --set evaluate.cfg_scale=3
 for pid in "${pids[@]}"; do wait "$pid" || { echo "a distill run failed: see runs/ablation/*.log" >&2; exit 1; }; done
 $BIWM compare teacher=runs/ablation/teacher dmd=runs/ablation/dmd/evaluate \
   dmd+gan=runs/ablation/dmd_gan/evaluate dmd+gan+forward-kl=runs/ablation/dmd_gan_fkl/evaluate \

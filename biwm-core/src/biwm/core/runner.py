@@ -168,4 +168,3 @@ def evaluation_recipe_data(run_dir: Path, weights: Path) -> dict[str, Any]:
     data["stages"] = [{**(old[-1] if old else {"stage": "evaluate"}), "init": str(Path(weights).resolve())}]
     data["run_dir"] = str(run_dir)
     return data
-
