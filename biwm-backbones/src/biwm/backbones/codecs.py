@@ -53,7 +53,7 @@ class ByteTextEncoder(nn.Module):
     def __init__(self, text_dim: int, max_length: int = 16, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.register_buffer("table", torch.randn(256, text_dim, generator=g), persistent=False)
+        self.register_buffer("table", torch.randn(256, text_dim, generator=g, device="cpu"), persistent=False)
         self.max_length = max_length
 
     def forward(self, prompts: list[str]) -> Tensor:

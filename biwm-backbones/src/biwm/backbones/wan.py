@@ -112,6 +112,12 @@ class MaskableWanAttnProcessor:
         self.inner = WanAttnProcessor()
         self.mask: Tensor | None = None
 
+    # diffusers' set_attention_backend and parallel config set these on the processor: pass them through
+    _attention_backend = property(lambda self: self.inner._attention_backend,
+                                  lambda self, value: setattr(self.inner, "_attention_backend", value))
+    _parallel_config = property(lambda self: self.inner._parallel_config,
+                                lambda self, value: setattr(self.inner, "_parallel_config", value))
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         mask = self.mask if attention_mask is None else attention_mask
         return self.inner(attn, hidden_states, encoder_hidden_states, mask, rotary_emb)
@@ -127,8 +133,13 @@ class WanVAECodec(nn.Module):
         self.spatial_factor = cfg.scale_factor_spatial
         self.temporal_factor = cfg.scale_factor_temporal
         self.latent_channels = cfg.z_dim
-        self.register_buffer("mean", torch.tensor(cfg.latents_mean[: cfg.z_dim]).view(1, -1, 1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.latents_std[: cfg.z_dim]).view(1, -1, 1, 1, 1), persistent=False)
+        mean, std = list(cfg.latents_mean), list(cfg.latents_std)
+        if len(mean) != cfg.z_dim or len(std) != cfg.z_dim:
+            # a VAE built from a preset without weights carries diffusers' 16-channel defaults: no
+            # normalisation is known for other widths (random-weight speed runs only)
+            mean, std = [0.0] * cfg.z_dim, [1.0] * cfg.z_dim
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1, 1), persistent=False)
 
     @torch.no_grad()
     def encode(self, frames: Tensor) -> Tensor:
@@ -297,9 +308,27 @@ class WanBackbone(nn.Module):
     def stream_decoder(self):
         return self.codec.stream_decoder()
 
+    def compile_decoder(self, **kwargs: Any) -> None:
+        """torch.compile the VAE decoder's one-latent-frame step, the unit streaming decode runs
+        (the pixel codec of tiny presets has nothing to compile)."""
+        if isinstance(self.codec, WanVAECodec):
+            self.codec.vae.decoder.compile(**kwargs)
+
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> Tensor:
         return self.text_encoder(prompts).float()
+
+
+def _cast_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``dtype`` everywhere except the modules diffusers keeps in float32 (norms, time embedding,
+    modulation table), as ``from_pretrained(torch_dtype=dtype)`` loads a released checkpoint."""
+    nn.Module.to(model, dtype)  # ModelMixin.to would warn about exactly the modules restored below
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if dtype != torch.float32:
+        for name, module in model.named_modules():
+            if keep & set(name.split(".")):
+                module.float()
+    return model
 
 
 def build_wan(options: WanOptions, **_: Any) -> WanBackbone:
@@ -310,7 +339,8 @@ def build_wan(options: WanOptions, **_: Any) -> WanBackbone:
     if options.weights is not None:
         transformer = WanTransformer3DModel.from_pretrained(_transformer_dir(Path(options.weights)), torch_dtype=dtype)
     else:
-        transformer = WanTransformer3DModel(**{**preset["transformer"], **options.overrides}).to(dtype)
+        config = {**preset["transformer"], **options.overrides}
+        transformer = _cast_like_from_pretrained(WanTransformer3DModel(**config), dtype)
     if options.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
 

@@ -36,7 +36,7 @@ def pad_to_multiple(x: Tensor, multiple: tuple[int, int, int], front_time: bool 
         pad = edge.expand(-1, -1, pf, -1, -1)
         x = torch.cat([pad, x] if front_time else [x, pad], dim=2)
     if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        x = F.pad(x, (0, pw, 0, ph, 0, 0), mode="replicate")  # all three axes: older torch pads 5-D no other way
     return x
 
 

@@ -426,7 +426,7 @@ def camera_rays(c2w: Tensor, intrinsics: Tensor, height: int, width: int) -> tup
     u = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
     grid_v, grid_u = torch.meshgrid(v, u, indexing="ij")
     pixels = torch.stack([grid_u, grid_v, torch.ones_like(grid_u)]).reshape(3, -1)
-    camera_dirs = torch.linalg.inv(intrinsics.float()) @ pixels  # [B, 3, HW]
+    camera_dirs = torch.linalg.inv_ex(intrinsics.float()).inverse @ pixels  # [B, 3, HW]; no host sync
     world_dirs = c2w[..., :3, :3].float() @ camera_dirs[:, None]  # [B, T, 3, HW]
     world_dirs = world_dirs / torch.linalg.vector_norm(world_dirs, dim=2, keepdim=True)
     return c2w[..., :3, 3].float(), world_dirs.unflatten(-1, (height, width))

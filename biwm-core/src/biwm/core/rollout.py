@@ -33,6 +33,13 @@ def guided_velocity(world: WorldModel, window: Window, null_text: Tensor, cfg_sc
     return uncond + cfg_scale * (cond - uncond)
 
 
+def _randn(shape, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Noise from ``generator`` on its own device (CPU by default, for results that do not depend on
+    the GPU); a CUDA generator draws on the GPU, so the rollout never copies from the host."""
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where).to(device)
+
+
 @torch.no_grad()
 def rollout(world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor | None, camera: CameraTrack | None,
             chunks: int, chunk_frames: int, steps: int, shift: float, cfg_scale: float = 1.0,
@@ -42,7 +49,8 @@ def rollout(world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor 
 
     ``camera`` is latent-aligned at video rate and covers history + all generated frames.
     Returns the generated latents only, [B, C, chunks*K, h, w]; ``on_chunk(i, latents)`` sees
-    each chunk as soon as it is done (streaming decode). With ``student_sigmas`` (a distilled
+    each chunk as soon as it is done (streaming decode). A CUDA ``generator`` keeps the loop free of
+    host synchronisation (see :mod:`biwm.core.speed`). With ``student_sigmas`` (a distilled
     generator) each chunk takes those few steps, re-noising its x̂0 in between, without guidance.
     """
     bb = world.backbone
@@ -60,7 +68,7 @@ def rollout(world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor 
     for c in range(chunks):
         start = h_len + c * chunk_frames
         cam = None if camera is None else camera.frames(slice(0, (start + chunk_frames) * tf))
-        noise = torch.randn(batch, channels, chunk_frames, *hw, generator=generator, device="cpu").to(device)
+        noise = _randn((batch, channels, chunk_frames, *hw), generator, device)
         x = noise
         window = Window(text=text, chunk=x, timestep=torch.zeros(batch, device=device), history=history,
                         camera=cam, attention=attention)
@@ -70,7 +78,7 @@ def rollout(world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor 
             first = [noise]  # the chunk's starting noise, then fresh noise for each re-noising
 
             def draw() -> Tensor:
-                return first.pop() if first else torch.randn(noise.shape, generator=generator).to(device)
+                return first.pop() if first else _randn(noise.shape, generator, device)
 
             x = few_step_chunk(world, window, student_sigmas.to(device), draw)
         else:

@@ -39,7 +39,8 @@ def relative_to_frame(camera: CameraTrack, frame: int) -> CameraTrack:
     """Poses expressed in the camera frame of video frame ``frame`` (egocentric control that
     does not drift with the length of a rollout)."""
     ref = camera.c2w[:, frame : frame + 1]
-    return CameraTrack(torch.linalg.inv(ref) @ camera.c2w, camera.intrinsics, camera.actions)
+    # inv_ex: the same inverse as linalg.inv without its error check, which would wait for the GPU
+    return CameraTrack(torch.linalg.inv_ex(ref).inverse @ camera.c2w, camera.intrinsics, camera.actions)
 
 
 def causal_mask(positions: Tensor, history_tokens: int) -> Tensor:

@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
+from torch import Tensor, nn
 
 from biwm.core.config import InputFile, PluginRef, Strict
+
+if TYPE_CHECKING:
+    from biwm.core.window import WorldModel
 
 
 class DistillConfig(Strict):
@@ -71,53 +76,139 @@ class DistillConfig(Strict):
         return errors
 
 
-def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+class Distiller:
+    """The stage's three networks, their optimisers and losses, and one iteration (what the stage
+    loops over and ``benchmarks/train.py`` times)."""
 
+    def __init__(self, cfg: DistillConfig, load: Callable[[bool], WorldModel],
+                 make_losses: Callable[[object], list], device: torch.device, attention: str = "bidirectional"):
+        """``load(report)`` builds a world model with the stage-1 weights; ``make_losses(backbone)``
+        the stage's losses, given the critic's backbone."""
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.cfg, self.attention = cfg, attention
+        self.generator = load(True).to(device).train()
+        self.teacher = load(False).to(device).eval().requires_grad_(False)
+        self.teacher_context: Callable = nullcontext
+        if cfg.critic == "lora":
+            from biwm.core.lora import adapters_disabled, add_lora
+
+            base = self.teacher.backbone.trainable()
+            self.critic_params = add_lora(base, cfg.lora_rank, cfg.lora_targets)
+            self.critic = self.teacher  # adapters on: the critic; adapters off: the teacher
+            self.teacher_context = lambda: adapters_disabled(base)
+        else:
+            self.critic = load(False).to(device).train()
+            self.critic_params = list(self.critic.parameters())
+        self.losses = [loss.to(device) for loss in make_losses(self.critic.backbone)]
+        for loss in self.losses:
+            if hasattr(loss, "bind"):
+                loss.bind(self.losses)
+        self.critic_params += [p for loss in self.losses if isinstance(loss, nn.Module) for p in loss.parameters()]
+        self.opt_g = torch.optim.AdamW([p for p in self.generator.parameters() if p.requires_grad],
+                                       lr=cfg.generator_lr, betas=cfg.betas)
+        self.opt_c = torch.optim.AdamW(self.critic_params, lr=cfg.critic_lr, betas=cfg.betas)
+        # EMA over what the generator trains (transformer, controls, compressor), not the codec it carries
+        self.trained = nn.ModuleDict(self.generator.trainable_modules())
+        self.ema = (AveragedModel(self.trained, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+                    if cfg.ema else None)
+
+    def modules(self) -> dict[str, nn.Module]:
+        out = {f"generator.{k}": m for k, m in self.generator.trainable_modules().items()}
+        out.update({f"critic.{k}": m for k, m in self.critic.trainable_modules().items()})
+        out.update({f"loss{i}": m for i, m in enumerate(self.losses) if isinstance(m, nn.Module)})
+        if self.ema is not None:
+            out["ema"] = self.ema
+        return out
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"generator": self.opt_g, "critic": self.opt_c}
+
+    def iteration(self, it: int, clips: Tensor, camera, text: Tensor, null_text: Tensor, sigmas: Tensor,
+                  rng: torch.Generator, exit_step: int | None = None) -> tuple[Tensor | None, Tensor, int]:
+        """One iteration on true clips [B, C, F, h, w] (history then the chunks' true continuation):
+        the generator's self-rollout, its update every ``generator_every``-th iteration (then the
+        EMA), and the critic's update. ``exit_step`` fixes the backward-simulation exit (default:
+        drawn from ``rng``). Returns (generator loss or None, critic loss, exit step)."""
+        from biwm.core.dmd import DistillStep, RolledChunk, sample_timestep, self_rollout
+        from biwm.core.window import Window
+
+        cfg = self.cfg
+        batch = clips.shape[0]
+        device = clips.device
+        tf = self.generator.backbone.temporal_factor
+        history = clips[:, :, :cfg.history_frames]
+        drawn = int(torch.randint(cfg.student_steps, (1,), generator=rng))
+        exit_step = drawn if exit_step is None else exit_step
+        train_generator = it % cfg.generator_every == 0
+        with torch.set_grad_enabled(train_generator):
+            rolled = self_rollout(self.generator, text, history, camera, cfg.chunks, cfg.chunk_frames, sigmas, rng,
+                                  exit_step, self.attention)
+
+        def real_chunk(c: int) -> RolledChunk:
+            """The true chunk c after its true history, in the window of the same length."""
+            start = cfg.history_frames + c * cfg.chunk_frames
+            end = start + cfg.chunk_frames
+            window = Window(text=text, chunk=clips[:, :, start:end], timestep=clips.new_zeros(batch),
+                            history=clips[:, :, :start], camera=camera.frames(slice(0, end * tf)),
+                            attention=self.attention)
+            return RolledChunk(clips[:, :, start:end], window)
+
+        def steps(detach: bool) -> list[DistillStep]:
+            out = []
+            for c, chunk in enumerate(rolled):
+                if detach:
+                    chunk = RolledChunk(chunk.latents.detach(), chunk.window)
+                sigma = sample_timestep(batch, cfg.timestep_shift, cfg.t_min, cfg.t_max, rng).to(device)
+                out.append(DistillStep(chunk, self.teacher, self.critic, null_text, cfg.teacher_cfg, sigma,
+                                       cfg.timestep_shift, rng, self.teacher_context, real=real_chunk(c)))
+            return out
+
+        loss_g = None
+        if train_generator:
+            generator_steps = steps(detach=False)
+            for step in generator_steps:
+                for loss in self.losses:
+                    if hasattr(loss, "prepare"):
+                        loss.prepare(step)
+            loss_g = _total(self.losses, generator_steps, "generator_loss")
+            self.opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            torch.nn.utils.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip)
+            self.opt_g.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.trained)
+        loss_c = _total(self.losses, steps(detach=True), "critic_loss")
+        self.opt_c.zero_grad(set_to_none=True)
+        loss_c.backward()
+        torch.nn.utils.clip_grad_norm_(self.critic_params, cfg.grad_clip)
+        self.opt_c.step()
+        return loss_g, loss_c, exit_step
+
+
+def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
     from biwm.core.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_weights
     from biwm.core.data import toyworld_latents
-    from biwm.core.dmd import DistillStep, RolledChunk, sample_timestep, self_rollout, student_sigmas
+    from biwm.core.dmd import student_sigmas
     from biwm.core.plugins import get_plugin_manager
     from biwm.core.runner import progress_bar
     from biwm.core.stages.common import load_world_model, text_embeddings
-    from biwm.core.window import Window
 
     recipe = ctx.recipe
     device = ctx.device
     torch.manual_seed(recipe.seed)
     strict = cfg.init is None  # an explicit init may come from a model with other controls or compressor
-    generator = load_world_model(ctx, init=cfg.init, strict=strict).to(device).train()
-    teacher = load_world_model(ctx, init=cfg.init, strict=strict, report=False).to(device).eval().requires_grad_(False)
-    teacher_context = nullcontext
-    if cfg.critic == "lora":
-        from biwm.core.lora import adapters_disabled, add_lora
-
-        base = teacher.backbone.trainable()
-        critic_params = add_lora(base, cfg.lora_rank, cfg.lora_targets)
-        critic = teacher  # adapters on: the critic; adapters off: the teacher
-
-        def teacher_context():
-            return adapters_disabled(base)
-    else:
-        critic = load_world_model(ctx, init=cfg.init, strict=strict, report=False).to(device).train()
-        critic_params = list(critic.parameters())
     pm = get_plugin_manager()
     index = recipe.stages.index(cfg)
-    losses = [pm.get("loss", ref.name).create(recipe.resolved[f"stages[{index}].losses[{i}]"],
-                                              backbone=critic.backbone).to(device)
-              for i, ref in enumerate(cfg.losses)]
-    for loss in losses:
-        if hasattr(loss, "bind"):
-            loss.bind(losses)
-    critic_params += [p for loss in losses if isinstance(loss, torch.nn.Module) for p in loss.parameters()]
-    opt_g = torch.optim.AdamW([p for p in generator.parameters() if p.requires_grad], lr=cfg.generator_lr,
-                              betas=cfg.betas)
-    opt_c = torch.optim.AdamW(critic_params, lr=cfg.critic_lr, betas=cfg.betas)
-    # EMA over what the generator trains (transformer, controls, compressor), not the codec it carries
-    trained = torch.nn.ModuleDict(generator.trainable_modules())
-    ema = AveragedModel(trained, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
 
-    tf = generator.backbone.temporal_factor
+    def make_losses(backbone) -> list:
+        return [pm.get("loss", ref.name).create(recipe.resolved[f"stages[{index}].losses[{i}]"], backbone=backbone)
+                for i, ref in enumerate(cfg.losses)]
+
+    nets = Distiller(cfg, lambda report: load_world_model(ctx, init=cfg.init, strict=strict, report=report),
+                     make_losses, device, recipe.model.attention)
+
+    tf = nets.generator.backbone.temporal_factor
     latent_frames = 1 + (recipe.data.frames - 1) // tf
     if cfg.history_frames + cfg.chunks * cfg.chunk_frames > latent_frames:
         raise ValueError(f"stage distill: history_frames + chunks * chunk_frames = "
@@ -125,23 +216,15 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
                          f"{recipe.data.frames} frames have {latent_frames}; raise data.frames or lower chunks")
     with ctx.console.status(f"rendering and encoding {recipe.data.train_clips} toy-world training clips"):
         data = toyworld_latents("train", recipe.data.train_clips, latent_frames, recipe.data.toyworld,
-                                generator.backbone, ctx.run_dir / "cache", ctx.cache_key(), device=device)
-    text, null_text = text_embeddings(generator, recipe.data.prompt, cfg.batch_size, device)
+                                nets.generator.backbone, ctx.run_dir / "cache", ctx.cache_key(), device=device)
+    text, null_text = text_embeddings(nets.generator, recipe.data.prompt, cfg.batch_size, device)
     sigmas = student_sigmas(cfg.student_steps, cfg.student_shift, device)
     rng = torch.Generator().manual_seed(recipe.seed + 2)
-
-    def modules() -> dict[str, torch.nn.Module]:
-        out = {f"generator.{k}": m for k, m in generator.trainable_modules().items()}
-        out.update({f"critic.{k}": m for k, m in critic.trainable_modules().items()})
-        out.update({f"loss{i}": m for i, m in enumerate(losses) if isinstance(m, torch.nn.Module)})
-        if ema is not None:
-            out["ema"] = ema
-        return out
 
     ckpt_dir = stage_dir / "checkpoints"
     it, counts = 0, {"generator_updates": 0, "critic_updates": 0}
     if ctx.resume and (ckpts := list_checkpoints(ckpt_dir)):
-        meta = load_checkpoint(ckpts[-1], modules(), {"generator": opt_g, "critic": opt_c}, rng)
+        meta = load_checkpoint(ckpts[-1], nets.modules(), nets.optimizers(), rng)
         it, counts = meta["step"], meta["extra"]["counts"]
         ctx.console.print(f"resumed distill from {ckpts[-1].name} (iteration {it})")
 
@@ -152,61 +235,19 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
         while it < cfg.steps:
             idx = torch.randint(len(data), (cfg.batch_size,), generator=rng)
             clips = data.latents[idx].to(device)
-            history = clips[:, :, :cfg.history_frames]
             camera = data.camera.select(idx).to(device)
-            exit_step = int(torch.randint(cfg.student_steps, (1,), generator=rng))
-            train_generator = it % cfg.generator_every == 0
-            with torch.set_grad_enabled(train_generator):
-                rolled = self_rollout(generator, text, history, camera, cfg.chunks, cfg.chunk_frames, sigmas, rng,
-                                      exit_step, recipe.model.attention)
-
-            def steps(detach: bool) -> list[DistillStep]:
-                out = []
-                for c, chunk in enumerate(rolled):
-                    if detach:
-                        chunk = RolledChunk(chunk.latents.detach(), chunk.window)
-                    sigma = sample_timestep(cfg.batch_size, cfg.timestep_shift, cfg.t_min, cfg.t_max, rng).to(device)
-                    out.append(DistillStep(chunk, teacher, critic, null_text, cfg.teacher_cfg, sigma,
-                                           cfg.timestep_shift, rng, teacher_context, real=real_chunk(c)))
-                return out
-
-            def real_chunk(c: int) -> RolledChunk:
-                """The true chunk c after its true history, in the window of the same length."""
-                start = cfg.history_frames + c * cfg.chunk_frames
-                end = start + cfg.chunk_frames
-                window = Window(text=text, chunk=clips[:, :, start:end], timestep=clips.new_zeros(cfg.batch_size),
-                                history=clips[:, :, :start], camera=camera.frames(slice(0, end * tf)),
-                                attention=recipe.model.attention)
-                return RolledChunk(clips[:, :, start:end], window)
-
-            if train_generator:
-                generator_steps = steps(detach=False)
-                for step in generator_steps:
-                    for loss in losses:
-                        if hasattr(loss, "prepare"):
-                            loss.prepare(step)
-                loss_g = _total(losses, generator_steps, "generator_loss")
-                opt_g.zero_grad(set_to_none=True)
-                loss_g.backward()
-                torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.grad_clip)
-                opt_g.step()
-                if ema is not None:
-                    ema.update_parameters(trained)
+            loss_g, loss_c, exit_step = nets.iteration(it, clips, camera, text, null_text, sigmas, rng)
+            if loss_g is not None:
                 counts["generator_updates"] += 1
                 history_g.append(_finite(loss_g.item(), "generator", it))
-            loss_c = _total(losses, steps(detach=True), "critic_loss")
-            opt_c.zero_grad(set_to_none=True)
-            loss_c.backward()
-            torch.nn.utils.clip_grad_norm_(critic_params, cfg.grad_clip)
-            opt_c.step()
             counts["critic_updates"] += 1
             history_c.append(_finite(loss_c.item(), "critic", it))
             it += 1
             update(critic=sum(history_c[-20:]) / len(history_c[-20:]), exit=exit_step)
             if it % cfg.checkpoint_every == 0 and it < cfg.steps:
-                save_checkpoint(ckpt_dir, it, modules(), {"generator": opt_g, "critic": opt_c}, {"counts": counts}, rng)
+                save_checkpoint(ckpt_dir, it, nets.modules(), nets.optimizers(), {"counts": counts}, rng)
 
-    final = dict(ema.module.items()) if ema is not None else generator.trainable_modules()
+    final = dict(nets.ema.module.items()) if nets.ema is not None else nets.generator.trainable_modules()
     teacher_weights = cfg.init or ctx.previous_weights
     save_weights(stage_dir / "model.safetensors", final,
                  {"stage": "distill", "student_steps": str(cfg.student_steps), "student_shift": str(cfg.student_shift),

@@ -63,13 +63,45 @@ def sample_batch(data, cfg: FinetuneConfig, generator: torch.Generator, device: 
     return x0, history, camera
 
 
+def make_optimizer(world, cfg: FinetuneConfig) -> torch.optim.AdamW:
+    """AdamW over what trains; the control injectors and the compressor, which start from zero or
+    from derived weights, at ``new_module_lr_scale`` times the rate (the group's ``lr_scale``)."""
+    new = {id(p) for m in (world.controls, world.compressor) for p in m.parameters()}
+    params = [p for p in world.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in new], "lr_scale": 1.0},
+              {"params": [p for p in params if id(p) in new], "lr_scale": cfg.new_module_lr_scale}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             betas=(0.9, 0.99))
+
+
+def finetune_loss(world, cfg: FinetuneConfig, x0: torch.Tensor, history: torch.Tensor, camera, text: torch.Tensor,
+                  null_text: torch.Tensor, generator: torch.Generator, attention: str) -> torch.Tensor:
+    """Flow-matching loss of one batch of windows: the chunk noised to a random level, optional
+    noise on the history, text and control dropped per sample (for classifier-free guidance)."""
+    from biwm.core.schedule import add_noise, training_sigmas, velocity_target
+    from biwm.core.window import Window
+
+    device = x0.device
+    b = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    sigma = training_sigmas(b, cfg.timestep_shift, generator).to(device)
+    if cfg.history_noise > 0 and history.shape[2]:
+        noisy = (torch.rand(b, generator=generator) < cfg.history_noise_prob).float().to(device)
+        history = history + cfg.history_noise * noisy.view(-1, 1, 1, 1, 1) * torch.randn(
+            history.shape, generator=generator).to(device)
+    drop_text = (torch.rand(b, generator=generator) < cfg.text_dropout).to(device)
+    batch_text = torch.where(drop_text.view(-1, 1, 1), null_text.expand_as(text), text)
+    control_mask = (torch.rand(b, generator=generator) >= cfg.control_dropout).float().to(device)
+    window = Window(text=batch_text, chunk=add_noise(x0, noise, sigma), timestep=sigma * 1000, history=history,
+                    camera=camera, control_mask=control_mask, attention=attention)
+    return torch.nn.functional.mse_loss(world(window).float(), velocity_target(x0, noise).float())
+
+
 def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     from biwm.core.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_weights
     from biwm.core.data import toyworld_latents
     from biwm.core.runner import progress_bar
-    from biwm.core.schedule import add_noise, training_sigmas, velocity_target
     from biwm.core.stages.common import load_world_model, text_embeddings
-    from biwm.core.window import Window
 
     recipe = ctx.recipe
     acc = ctx.accelerator
@@ -80,14 +112,10 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     if cfg.train == "controls":
         world.requires_grad_(False)
         world.controls.requires_grad_(True)
-    new = {id(p) for m in (world.controls, world.compressor) for p in m.parameters()}
     params = [p for p in world.parameters() if p.requires_grad]
     if not params:
         raise ValueError("stage finetune: nothing to train (train: controls with no controls in the model)")
-    groups = [{"params": [p for p in params if id(p) not in new], "lr_scale": 1.0},
-              {"params": [p for p in params if id(p) in new], "lr_scale": cfg.new_module_lr_scale}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.99))
+    optimizer = make_optimizer(world, cfg)
 
     tf = world.backbone.temporal_factor
     latent_frames = 1 + (recipe.data.frames - 1) // tf
@@ -114,21 +142,7 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * group["lr_scale"] * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
             x0, history, camera = sample_batch(data, cfg, generator, device)
-            b = x0.shape[0]
-            noise = torch.randn(x0.shape, generator=generator).to(device)
-            sigma = training_sigmas(b, cfg.timestep_shift, generator).to(device)
-            if cfg.history_noise > 0 and history.shape[2]:
-                noisy = (torch.rand(b, generator=generator) < cfg.history_noise_prob).float().to(device)
-                history = history + cfg.history_noise * noisy.view(-1, 1, 1, 1, 1) * torch.randn(
-                    history.shape, generator=generator).to(device)
-            drop_text = (torch.rand(b, generator=generator) < cfg.text_dropout).to(device)
-            batch_text = torch.where(drop_text.view(-1, 1, 1), null_text.expand_as(text), text)
-            control_mask = (torch.rand(b, generator=generator) >= cfg.control_dropout).float().to(device)
-            window = Window(text=batch_text, chunk=add_noise(x0, noise, sigma), timestep=sigma * 1000,
-                            history=history, camera=camera, control_mask=control_mask,
-                            attention=recipe.model.attention)
-            pred = world(window)
-            loss = torch.nn.functional.mse_loss(pred.float(), velocity_target(x0, noise).float())
+            loss = finetune_loss(world, cfg, x0, history, camera, text, null_text, generator, recipe.model.attention)
             acc.backward(loss)
             acc.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()

@@ -1,0 +1,433 @@
+"""Interactive rollout speed at real size: a distilled generator (4 steps, no CFG) producing chunks
+of 4 latent frames after a framepack history, decoded to uint8 frames in host memory, for ≥ 30 s
+of video. Random weights (speed does not depend on them).
+
+    python benchmarks/rollout.py --preset wan2.1-t2v-1.3b --out docs/results/gpu_rollout_h100
+    python benchmarks/rollout.py --preset wan2.2-ti2v-5b --out docs/results/gpu_rollout_h100
+    python benchmarks/rollout.py --preset tiny --seconds 2 --out /tmp/rollout   # CPU smoke run
+
+Each variant is a cumulative set of speed options (``biwm.core.speed``), measured in the same
+process as the plain eager path:
+
+- ``eager``: what ``biwm generate`` does: noise drawn on the host and copied over, each chunk
+  decoded inline and copied to the host before the next starts, PyTorch's default attention.
+- ``overlap``: noise drawn on the GPU, decode on a side stream overlapped with the next chunk's
+  denoising, frames copied to pinned memory asynchronously: no host synchronisation in the loop
+  (checked with ``torch.cuda.set_sync_debug_mode``).
+- ``compile``: + the fastest attention kernel of the eager comparison, transformer blocks compiled.
+- ``decoder``: + the VAE decoder compiled.
+- ``fp8``: + FP8 linears through torchao (biwm-quant's ``fp8`` quantizer).
+
+For every variant: first-chunk latency (start to the first chunk's frames on the host), FPS
+sustained over the whole rollout (frames / wall time), and per part the isolated time of one
+steady-state chunk: DiT (the 4 denoising forwards), decode (VAE to uint8), other (the rest of the
+rollout's wall time per chunk; negative when decode overlaps the DiT). DiT MFU divides FLOPs
+counted by torch's FlopCounterMode by the DiT time and the bf16 GEMM peak measured in the same run.
+PREFIX.json keeps one entry per preset (a second run with another preset is merged in); the
+top-level summary is Wan2.1-1.3B's when present.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (SIZES, Timer, base_parser, build_world, count_flops, environment,  # noqa: E402
+                     gemm_peak_tflops, keyboard_camera, latent_grid, markdown_table, median, parse_list,
+                     peak_memory_gb, reset_memory, synchronize, write_json)
+
+LADDER = ["eager", "overlap", "compile", "decoder", "fp8"]
+
+
+def speed_options(variant: str, attention: str):
+    from biwm.core.speed import SpeedOptions
+
+    rank = LADDER.index(variant)
+    return SpeedOptions(
+        attention=attention if rank >= 2 else "auto",
+        compile=rank >= 2,
+        compile_decoder=rank >= 3,
+        quantize={"name": "fp8"} if rank >= 4 else None,
+        overlap_decode=rank >= 1,
+    )
+
+
+class Setup:
+    """Shapes of one benchmark: preset, frame size, chunks for the requested seconds of video."""
+
+    def __init__(self, args, world):
+        self.preset = args.preset
+        self.height, self.width, self.fps = args.height, args.width, args.fps
+        bb = world.backbone
+        self.hw = latent_grid(world, self.height, self.width)
+        self.k = args.chunk_frames
+        self.tf = bb.temporal_factor
+        first = 1 + self.tf * (self.k - 1) if self.tf > 1 else self.k  # a causal VAE's first latent frame is 1 frame
+        per_chunk = self.k * self.tf
+        self.chunks = max(1, math.ceil((args.seconds * self.fps - first) / per_chunk) + 1)
+        self.frames = first + per_chunk * (self.chunks - 1)
+        self.steps = args.steps
+        ph, pw = bb.patch_size[1:]
+        self.tokens_per_frame = (self.hw[0] // ph) * (self.hw[1] // pw)
+        # the window stops growing once the compressor's budget is full: warm up past that point
+        budget = [world.compressor.token_budget(c * self.k, (self.hw[0] // ph, self.hw[1] // pw))
+                  for c in range(self.chunks + 1)]
+        self.steady_chunk = next((c for c in range(self.chunks) if budget[c] == budget[c + 1]), self.chunks - 1)
+        self.history_tokens = budget[self.steady_chunk]
+        self.warmup_chunks = min(self.chunks, self.steady_chunk + 2)
+
+    def describe(self) -> dict[str, Any]:
+        return {"preset": self.preset, "height": self.height, "width": self.width, "video_fps": self.fps,
+                "chunk_latent_frames": self.k, "denoising_steps": self.steps, "chunks": self.chunks,
+                "frames": self.frames, "seconds_of_video": round(self.frames / self.fps, 2),
+                "chunk_tokens": self.k * self.tokens_per_frame, "history_tokens_steady": self.history_tokens,
+                "steady_from_chunk": self.steady_chunk + 1, "history": "framepack [[1,1],[2,2],[4,16]]",
+                "cfg": "none (distilled)"}
+
+
+def run_variant(variant: str, args, device: torch.device, attention: str, peak: float, flops: float,
+                decode_flops: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    from biwm.core.dmd import few_step_chunk, student_sigmas
+    from biwm.core.rollout import rollout
+    from biwm.core.speed import FrameStream, apply_speedups
+    from biwm.core.window import Window
+
+    options = speed_options(variant, attention)
+    reset_memory(device)
+    world = build_world(args.preset, device, args.dtype, inference=True).eval().requires_grad_(False)
+    setup = Setup(args, world)
+    started = time.perf_counter()
+    apply_speedups(world, options)
+    bb = world.backbone
+    text = bb.encode_text(["a walk through a house"]).to(device)
+    null = bb.encode_text([""]).to(device)
+    c = bb.latent_channels
+    camera = keyboard_camera(setup.chunks * setup.k, setup.tf, setup.width / setup.height, device)
+    empty = torch.zeros(1, c, 0, *setup.hw, device=device)
+    sigmas = student_sigmas(setup.steps, 5.0, device)
+
+    dit_timers: list[Timer] = []
+    inner = world.forward
+
+    def timed_forward(window):
+        with Timer(device) as t:
+            out = inner(window)
+        dit_timers.append(t)
+        return out
+
+    world.forward = timed_forward
+
+    def generator() -> torch.Generator:
+        # eager: noise on the host, as biwm generate draws it; overlap and up: on the GPU
+        where = device if options.overlap_decode else torch.device("cpu")
+        return torch.Generator(where).manual_seed(0)
+
+    def roll(chunks: int, stream: FrameStream, marks: list[float]) -> None:
+        def on_chunk(i: int, x: torch.Tensor) -> None:
+            stream.submit(x)
+            marks.append(time.perf_counter())
+
+        rollout(world, text, null, empty, camera.frames(slice(0, chunks * setup.k * setup.tf)), chunks, setup.k,
+                setup.steps, 5.0, generator=generator(), on_chunk=on_chunk, student_sigmas=sigmas)
+
+    with torch.no_grad():
+        # warm-up (compiles every window shape the rollout meets), untimed
+        stream = FrameStream(bb.stream_decoder(), device, options.overlap_decode)
+        roll(setup.warmup_chunks, stream, [])
+        stream.finish()
+        synchronize(device)
+        warmup_s = time.perf_counter() - started
+        dit_timers.clear()
+        reset_memory(device)
+
+        # the timed rollout
+        stream = FrameStream(bb.stream_decoder(), device, options.overlap_decode)
+        marks: list[float] = []
+        caught: list[warnings.WarningMessage] = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if device.type == "cuda" and options.overlap_decode:
+                torch.cuda.set_sync_debug_mode("warn")
+            start = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
+            if start is not None:
+                start.record()
+            t0 = time.perf_counter()
+            try:
+                roll(setup.chunks, stream, marks)
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+        frames = stream.finish()
+        synchronize(device)
+        wall = time.perf_counter() - t0
+        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+        if options.overlap_decode and device.type == "cuda":
+            done = stream.done_event(0)
+            done.synchronize()
+            first_chunk_s = start.elapsed_time(done) / 1000
+        else:
+            first_chunk_s = marks[0] - t0
+        n_frames = sum(f.shape[1] for f in frames)
+        if n_frames != setup.frames:
+            raise RuntimeError(f"{variant}: decoded {n_frames} frames, expected {setup.frames}")
+        peak_gb = peak_memory_gb(device)
+        dit_rollout = sum(t.seconds() for t in dit_timers)
+        inline = not options.overlap_decode
+        decode_rollout = (sum(s.elapsed_time(e) / 1000 for s, e in stream.decode_events)
+                          if stream.decode_events else None)
+
+        # isolated parts of one steady-state chunk: the DiT's 4 forwards, then the decode
+        history = torch.randn(1, c, setup.steady_chunk * setup.k, *setup.hw, device=device)
+        steady_end = (setup.steady_chunk + 1) * setup.k
+        window = Window(text=text, chunk=torch.zeros(1, c, setup.k, *setup.hw, device=device),
+                        timestep=torch.zeros(1, device=device), history=history,
+                        camera=camera.frames(slice(0, steady_end * setup.tf)))
+        noise_gen = torch.Generator(device).manual_seed(1)
+
+        def noise() -> torch.Tensor:
+            return torch.randn(window.chunk.shape, generator=noise_gen, device=device)
+
+        dit, dec = [], []
+        decoder = bb.stream_decoder()
+        decoder.decode(torch.randn(1, c, setup.k, *setup.hw, device=device))  # past the first chunk
+        for _ in range(args.repeats):
+            with Timer(device) as t:
+                x = few_step_chunk(world, window, sigmas, noise)
+            dit.append(t.seconds())
+            side = FrameStream(decoder, device, overlap=False)
+            with Timer(device) as t:
+                side.submit(x)
+            dec.append(t.seconds())
+        dit_s, decode_s = median(dit), median(dec)
+
+        profile = None
+        if args.profile and variant == args.variants[-1]:
+            profile = profile_chunk(world, window, sigmas, noise, decoder, device)
+
+    world.forward = inner
+    chunks = setup.chunks
+    fps = setup.frames / wall
+    result = {
+        "options": options.describe(),
+        "fps_sustained": fps,
+        "first_chunk_s": first_chunk_s,
+        "wall_s": wall,
+        "sec_per_chunk": wall / chunks,
+        "dit_chunk_s": dit_s,
+        "decode_chunk_s": decode_s,
+        "other_chunk_s": wall / chunks - dit_s - decode_s,
+        # shares of the rollout's wall time, only meaningful when nothing overlaps
+        "dit_share_of_rollout": dit_rollout / wall if inline else None,
+        "decode_share_of_rollout": decode_rollout / wall if decode_rollout is not None and inline else None,
+        "dit_tflop_per_chunk": flops / 1e12,
+        "dit_tflops": flops / dit_s / 1e12,
+        "dit_mfu": flops / dit_s / 1e12 / peak,
+        "decode_mfu": decode_flops / decode_s / 1e12 / peak,
+        "peak_gb": peak_gb,
+        "host_syncs_in_loop": len(syncs) if device.type == "cuda" and options.overlap_decode else None,
+        "host_sync_examples": sorted(set(syncs))[:5],
+        "warmup_and_compile_s": warmup_s,
+    }
+    if profile is not None:
+        result["profile"] = profile
+    del world, stream, frames
+    gc.collect()
+    if options.compile or options.compile_decoder:
+        torch._dynamo.reset()
+    reset_memory(device)
+    return setup.describe(), result
+
+
+def profile_chunk(world, window, sigmas, noise, decoder, device) -> dict[str, Any] | None:
+    """GPU time of one steady-state chunk (denoise + decode) by kernel class, from torch.profiler."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    from biwm.core.dmd import few_step_chunk
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        x = few_step_chunk(world, window, sigmas, noise)
+        decoder.decode(x)
+        torch.cuda.synchronize()
+    classes: dict[str, float] = {}
+    kernels = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
+        if us <= 0:
+            continue
+        kernels.append((evt.key, us))
+        classes[kernel_class(evt.key)] = classes.get(kernel_class(evt.key), 0.0) + us / 1000
+    kernels.sort(key=lambda kv: -kv[1])
+    return {"ms_by_class": {k: round(v, 2) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [[name[:90], round(us / 1000, 2)] for name, us in kernels[:12]]}
+
+
+def kernel_class(name: str) -> str:
+    n = name.lower()
+    if any(s in n for s in ("flash", "fmha", "attention", "sdpa")):
+        return "attention"
+    if any(s in n for s in ("conv", "implicit_gemm", "winograd", "dgrad", "wgrad", "fprop")):
+        return "convolution"
+    if any(s in n for s in ("gemm", "nvjet", "cutlass", "xmma", "matmul", "scaled_mm")):
+        return "gemm"
+    if "memcpy" in n or "memset" in n:
+        return "copy"
+    if "triton" in n:
+        return "fused (triton)"
+    return "elementwise / norm / other"
+
+
+def attention_comparison(args, device: torch.device) -> dict[str, Any]:
+    """One steady-state DiT forward per scaled_dot_product_attention kernel (eager, bf16), and the
+    FLOPs of a steady-state chunk (its denoising forwards), the same for every variant."""
+    from biwm.core.speed import set_attention
+    from biwm.core.window import Window
+
+    world = build_world(args.preset, device, args.dtype, inference=True).eval().requires_grad_(False)
+    setup = Setup(args, world)
+    bb = world.backbone
+    c = bb.latent_channels
+    camera = keyboard_camera((setup.steady_chunk + 1) * setup.k, setup.tf, setup.width / setup.height, device)
+    window = Window(text=bb.encode_text(["x"]).to(device), chunk=torch.randn(1, c, setup.k, *setup.hw, device=device),
+                    timestep=torch.full((1,), 500.0, device=device),
+                    history=torch.randn(1, c, setup.steady_chunk * setup.k, *setup.hw, device=device), camera=camera)
+    out: dict[str, Any] = {}
+    kernels = ["auto", "flash", "cudnn", "efficient"] if device.type == "cuda" else ["auto", "math"]
+    with torch.no_grad():
+        for name in kernels:
+            try:
+                set_attention(world, name)
+                world(window)
+                times = []
+                for _ in range(args.repeats):
+                    with Timer(device) as t:
+                        world(window)
+                    times.append(t.seconds())
+                out[name] = median(times)
+            except RuntimeError as e:  # a kernel that does not support these shapes or dtype
+                out[name] = None
+                print(f"attention {name}: not available ({str(e).splitlines()[0][:100]})", file=sys.stderr)
+        set_attention(world, "auto")
+        flops = count_flops(lambda: world(window)) * args.steps
+        decoder = bb.stream_decoder()
+        decoder.decode(window.chunk)  # past the first chunk, whose first latent frame is a single frame
+        decode_flops = count_flops(lambda: decoder.decode(window.chunk))
+    del world
+    reset_memory(device)
+    usable = {k: v for k, v in out.items() if v is not None and k != "auto"}
+    best = min(usable, key=usable.get) if usable else "auto"
+    return {"forward_s": out, "fastest": best, "dit_tflop_per_chunk": flops / 1e12,
+            "decode_tflop_per_chunk": decode_flops / 1e12}
+
+
+def summary_rows(model: dict[str, Any]) -> list[list[Any]]:
+    base = model["variants"].get("eager", {}).get("fps_sustained")
+    rows = []
+    for name, r in model["variants"].items():
+        if "error" in r:
+            rows.append([name, f"failed: {r['error'][:60]}"] + [None] * 9)
+            continue
+        rows.append([name, r["fps_sustained"], r["fps_sustained"] / base if base else None, r["first_chunk_s"],
+                     r["dit_chunk_s"] * 1000, r["decode_chunk_s"] * 1000, r["other_chunk_s"] * 1000,
+                     r["dit_mfu"], r["peak_gb"], r["host_syncs_in_loop"]])
+    return rows
+
+
+HEADER = ["variant", "FPS", "× eager", "first chunk s", "DiT ms/chunk", "decode ms/chunk", "other ms/chunk",
+          "DiT MFU", "peak GB", "host syncs"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__)
+    parser.add_argument("--fps", type=int, help="video frame rate (default: the release's)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="seconds of video to generate (default 30)")
+    parser.add_argument("--chunk-frames", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--variants", default=",".join(LADDER),
+                        help=f"comma-separated, from {','.join(LADDER)} (cumulative speed options)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of the isolated per-part timings")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler breakdown of the last variant")
+    parser.add_argument("--out", type=Path, help="write PREFIX.json (merged with another preset's) and PREFIX.md")
+    args = parser.parse_args(argv)
+    args.variants = parse_list(parser, "--variants", args.variants, LADDER)
+    h, w, fps = SIZES[args.preset]
+    args.height, args.width, args.fps = args.height or h, args.width or w, args.fps or fps
+    if args.seconds <= 0 or args.chunk_frames < 1 or args.steps < 1 or args.repeats < 1:
+        parser.error("--seconds, --chunk-frames, --steps and --repeats must be positive")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+    peak = gemm_peak_tflops(device)
+    print(f"{args.preset} at {args.width}x{args.height}: bf16 GEMM peak {peak:.4g} TFLOP/s", file=sys.stderr)
+    attention = attention_comparison(args, device)
+    print(f"attention kernels, one steady-state forward (s): {attention['forward_s']}", file=sys.stderr)
+    variants: dict[str, Any] = {}
+    model = {"setup": {}, "peak_bf16_tflops": peak, "attention": attention, "variants": variants}
+    for variant in args.variants:
+        print(f"variant {variant} ...", file=sys.stderr, flush=True)
+        try:
+            model["setup"], variants[variant] = run_variant(variant, args, device, attention["fastest"], peak,
+                                                   attention["dit_tflop_per_chunk"] * 1e12,
+                                                   attention["decode_tflop_per_chunk"] * 1e12)
+        except Exception as e:  # one failing option must not lose the others' figures
+            if device.type != "cuda":
+                raise
+            variants[variant] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            torch._dynamo.reset()
+            reset_memory(device)
+        print(f"  {variants[variant]}", file=sys.stderr, flush=True)
+        if args.out:  # after every variant, so a run cut short keeps what it measured
+            merge_and_write(args, device, model)
+
+    print(markdown_table(HEADER, summary_rows(model)))
+    return 0
+
+
+def merge_and_write(args, device: torch.device, model: dict[str, Any]) -> None:
+    import json
+
+    path = args.out.with_suffix(".json")
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault("models", {})[args.preset] = {**model, "environment": environment(device),
+                                                  "command": "python " + " ".join(sys.argv)}
+    data.update(summary(data["models"]))
+    write_json(path, data)
+    lines = []
+    for preset, m in data["models"].items():
+        s = m["setup"]
+        lines += [f"### {preset}, {s.get('width')}x{s.get('height')}, {m['environment']['device']}, "
+                  f"{m['environment']['date']}", "", f"`{m['command']}`", "",
+                  markdown_table(HEADER, summary_rows(m)), ""]
+    from biwm.core.checkpoint import atomic_write_text
+
+    atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines))
+
+
+def summary(models: dict[str, Any]) -> dict[str, Any]:
+    """Top-level figures: the fastest variant of Wan2.1-1.3B (else the first preset) and its eager baseline."""
+    preset = "wan2.1-t2v-1.3b" if "wan2.1-t2v-1.3b" in models else next(iter(models))
+    m = models[preset]
+    ok = {k: v for k, v in m["variants"].items() if "error" not in v}
+    if not ok:
+        return {}
+    best = max(ok, key=lambda k: ok[k]["fps_sustained"])
+    r = ok[best]
+    return {"preset": preset, "device": m["environment"]["device"], "best_variant": best,
+            "fps_sustained": r["fps_sustained"], "first_chunk_s": r["first_chunk_s"], "dit_mfu": r["dit_mfu"],
+            "baseline_fps": ok.get("eager", {}).get("fps_sustained"),
+            "speedup_vs_eager": r["fps_sustained"] / ok["eager"]["fps_sustained"] if "eager" in ok else None}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

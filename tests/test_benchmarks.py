@@ -1,0 +1,82 @@
+"""benchmarks/rollout.py and benchmarks/train.py on the CPU with the tiny preset (CI runs them so
+they keep working; the timings they print are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, subprocess_env
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=600)
+
+
+def test_rollout_benchmark_on_cpu_counts_frames_flops_and_merges_presets(tmp_path):
+    out = tmp_path / "rollout"
+    proc = run("rollout.py", "--preset", "tiny", "--seconds", "1.5", "--repeats", "1", "--dtype", "float32",
+               "--variants", "eager,overlap", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    model = data["models"]["tiny"]
+    setup = model["setup"]
+    # 1.5 s at 16 fps = 24 frames; the pixel codec has 1 frame per latent frame: 6 chunks of 4 frames of
+    # 32x32 pixels = 8x8 latents = 4x4 tokens
+    assert (setup["chunks"], setup["frames"], setup["chunk_tokens"]) == (6, 24, 4 * 16)
+    # framepack's default layout over 19+ frames: 1 full frame + 1 frame at 2x + 4 groups of 4 at 4x
+    assert setup["history_tokens_steady"] == 16 + 4 + 4 * 1 and setup["steady_from_chunk"] == 5
+    for name in ("eager", "overlap"):
+        r = model["variants"][name]
+        assert r["fps_sustained"] > 0 and r["first_chunk_s"] > 0 and r["dit_chunk_s"] > 0
+        assert abs(r["fps_sustained"] * r["wall_s"] - setup["frames"]) < 1e-6 * setup["frames"]
+        assert 0 < r["dit_mfu"]
+    # FLOPs of a steady chunk: 4 forwards of 64 + 24 tokens through 4 blocks of width 256, at least the
+    # linears' 2 x tokens x weights (self-attention q/k/v/o, cross-attention q/o, FFN in and out)
+    linears = 4 * (6 * 256 * 256 + 2 * 256 * 512)
+    tokens = 64 + 24
+    assert model["attention"]["dit_tflop_per_chunk"] * 1e12 >= 4 * 2 * tokens * linears
+    assert model["attention"]["dit_tflop_per_chunk"] * 1e12 < 4 * 2 * tokens * linears * 3
+    assert data["preset"] == "tiny" and data["baseline_fps"] == model["variants"]["eager"]["fps_sustained"]
+    assert "| eager |" in out.with_suffix(".md").read_text()
+
+    # a second preset merges into the same file instead of replacing it
+    data["models"]["other"] = model
+    out.with_suffix(".json").write_text(json.dumps(data))
+    proc = run("rollout.py", "--preset", "tiny", "--seconds", "0.5", "--repeats", "1", "--dtype", "float32",
+               "--variants", "eager", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = json.loads(out.with_suffix(".json").read_text())
+    assert set(merged["models"]) == {"tiny", "other"} and merged["models"]["tiny"]["setup"]["chunks"] == 2
+
+
+def test_rollout_benchmark_rejects_unknown_variants():
+    proc = run("rollout.py", "--preset", "tiny", "--variants", "eager,turbo")
+    assert proc.returncode == 2 and "--variants: unknown turbo" in proc.stderr
+
+
+def test_train_benchmark_on_cpu_times_stage1_and_both_dmd_critics(tmp_path):
+    out = tmp_path / "train"
+    proc = run("train.py", "--preset", "tiny", "--steps", "1", "--history", "8", "--dtype", "float32",
+               "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    s1, full, lora = data["stage1"], data["dmd"], data["dmd-lora"]
+    assert s1["window_tokens"] == 16 + 4 + 2 + 4 * 16  # framepack over 8 frames (1 + 2 + 5 at 4x) + the 4-frame chunk
+    for r in (s1, full, lora):
+        assert r["step_s"] > 0 and r["mfu"] > 0 and r["hfu"] > r["mfu"]
+        # gradient checkpointing recomputes the grad-enabled forwards: hardware minus model FLOPs is one forward each
+        assert r["tflop_per_step_with_recompute"] > r["tflop_per_step"]
+    assert full["critic"] == "full" and lora["critic"] == "lora"
+    assert lora["critic_trainable_params_m"] < full["critic_trainable_params_m"] / 10
+    assert s1["trainable_params_m"] == full["critic_trainable_params_m"]
+    # the full DMD iteration: 5 chunks x 4 steps of the generator, teacher with CFG (2x batch), critic twice
+    assert full["tflop_per_step"] > 20 * s1["tflop_per_step"] / 3 / 2
+    assert data["gradient_checkpointing"] is True and data["device"]
+
+
+def test_train_benchmark_rejects_unknown_parts():
+    proc = run("train.py", "--preset", "tiny", "--parts", "stage3")
+    assert proc.returncode == 2 and "--parts: unknown stage3" in proc.stderr

@@ -1,0 +1,229 @@
+"""Speed options (biwm.core.speed), the fp8 quantizer (biwm-quant) and the sync-free rollout.
+
+CPU tests check the numerics and the inline paths; tests marked ``requires_gpu`` check on a GPU
+that the overlapped stream, compiled blocks and torchao FP8 give the same results as the plain
+path and that a rollout never synchronises with the host."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import requires_gpu
+
+
+def tiny_world(device="cpu", dtype="float32", compressor="framepack", layers=2):
+    from biwm.core.plugins import get_plugin_manager
+    from biwm.core.window import WorldModel
+
+    pm = get_plugin_manager()
+    torch.manual_seed(0)
+    bb = pm.get("backbone", "wan").create({"preset": "tiny", "dtype": dtype, "overrides": {"num_layers": layers}})
+    controls = {n: pm.get("control", n).create({}, backbone=bb) for n in ("actions", "plucker")}
+    for c in controls.values():  # give the zero-initialised projections a value so control matters
+        torch.nn.init.normal_(c.project.weight, std=0.02)
+    world = WorldModel(bb, controls, pm.get("compressor", compressor).create({}, backbone=bb))
+    return world.to(device).eval().requires_grad_(False)
+
+
+def camera_for(latent_frames, device="cpu"):
+    from biwm.core.camera import CameraTrack, actions_to_poses, default_intrinsics, parse_keys
+
+    actions = parse_keys("w*3,wd*4,j*3,a*6,l*4,s*20")[:latent_frames][None].contiguous()
+    return CameraTrack(actions_to_poses(actions), default_intrinsics(60.0), actions).to(device)
+
+
+def rollout_inputs(world, device, chunks=3):
+    """Text, null text, empty history, camera and sigmas on ``device``, made before the rollout
+    (so the rollout itself copies nothing from the host)."""
+    from biwm.core.dmd import student_sigmas
+
+    bb = world.backbone
+    return (bb.encode_text(["a room"]).to(device), bb.encode_text([""]).to(device),
+            torch.zeros(1, bb.latent_channels, 0, 8, 8, device=device), camera_for(chunks * 2, device),
+            student_sigmas(2, 5.0, device))
+
+
+def roll(world, device, generator, chunks=3, on_chunk=None, inputs=None):
+    from biwm.core.rollout import rollout
+
+    text, null, empty, camera, sigmas = inputs or rollout_inputs(world, device, chunks)
+    return rollout(world, text, null, empty, camera, chunks, 2, 2, 5.0, generator=generator, on_chunk=on_chunk,
+                   student_sigmas=sigmas)
+
+
+# ------------------------------------------------------------------------------------------- CPU
+
+
+def test_frame_stream_inline_gives_uint8_frames_of_each_chunk_in_order():
+    from biwm.core.speed import FrameStream
+    from biwm.core.video import as_uint8
+
+    world = tiny_world()
+    stream = FrameStream(world.backbone.stream_decoder(), torch.device("cpu"), overlap=True)  # no CUDA: inline
+    assert not stream.overlap
+    latents = roll(world, "cpu", torch.Generator().manual_seed(0), on_chunk=lambda i, x: stream.submit(x))
+    got = stream.ready()
+    assert len(got) == 3 and stream.ready() == [] and stream.finish() == []
+    frames = torch.cat(got, dim=1)  # [B, T, H, W, 3]
+    expected = as_uint8(world.backbone.decode_video(latents)).permute(0, 2, 3, 4, 1)
+    assert frames.dtype == torch.uint8 and frames.shape == (1, 6, 32, 32, 3)
+    assert torch.equal(frames, expected)
+
+
+def test_rollout_noise_comes_from_the_generators_device_and_is_reproducible():
+    world = tiny_world()
+    a = roll(world, "cpu", torch.Generator().manual_seed(3))
+    b = roll(world, "cpu", torch.Generator().manual_seed(3))
+    c = roll(world, "cpu", torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_relative_camera_uses_the_same_inverse_as_linalg_inv():
+    from biwm.core.window import relative_to_frame
+
+    cam = camera_for(6)
+    rel = relative_to_frame(cam, 2)
+    torch.testing.assert_close(rel.c2w, torch.linalg.inv(cam.c2w[:, 2:3]) @ cam.c2w)
+    torch.testing.assert_close(rel.c2w[:, 2], torch.eye(4)[None], atol=1e-6, rtol=0)
+
+
+def test_fp8_emulation_rounds_weights_and_activations_to_e4m3():
+    from biwm.core.plugins import get_plugin_manager
+    from biwm.quant.fp8 import E4M3_MAX, round_e4m3
+
+    world = tiny_world()
+    blocks = world.backbone.trainable().blocks
+    before = blocks[0].ffn.net[0].proj.weight.clone()
+    window = _window(world)
+    ref = world(window)
+    q = get_plugin_manager().get("quantizer", "fp8").create({})
+    with pytest.warns(UserWarning, match="emulating FP8"):
+        q.convert(world.backbone.trainable(), training=False)
+    w = blocks[0].ffn.net[0].proj.weight
+    # each row is its absmax/448 times an e4m3 number, and the weight moved by at most e4m3's rounding:
+    # half a step of 3 mantissa bits (2^-4 relative), or half the subnormal step (2^-10 x scale) near zero
+    scale = before.abs().amax(dim=1, keepdim=True) / E4M3_MAX
+    torch.testing.assert_close((w / scale).to(torch.float8_e4m3fn).float() * scale, w)
+    assert not torch.equal(w, before)
+    bound = torch.maximum(before.abs() * 2**-4, scale * 2**-10) * (1 + 1e-5)
+    assert ((w - before).abs() <= bound).all()
+    torch.testing.assert_close(round_e4m3(w, dim=1), w)  # idempotent
+    out = world(window)
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert 1e-4 < err < 0.05, err
+    # only the blocks' linears: the patch embedding and the condition embedder are untouched
+    assert not hasattr(world.backbone.trainable().condition_embedder.time_proj, "fp8_per_row")
+
+
+def test_fp8_errors_name_what_is_wrong():
+    from biwm.core.plugins import get_plugin_manager
+
+    spec = get_plugin_manager().get("quantizer", "fp8")
+    world = tiny_world()
+    with pytest.raises(ValueError, match="inference only"):
+        spec.create({}).convert(world.backbone.trainable(), training=True)
+    with pytest.raises(ValueError, match="no linear layer under 'nothing.'"):
+        spec.create({"modules": "nothing."}).convert(world.backbone.trainable(), training=False)
+    with pytest.raises(RuntimeError, match="no FP8 GEMMs"):
+        spec.create({"emulate": "never"}).convert(world.backbone.trainable(), training=False)
+    with pytest.raises(Exception, match="granularity"):
+        spec.create({"granularity": "block"})
+
+
+def test_speed_options_apply_quantizer_and_reject_unknown_fields():
+    from pydantic import ValidationError
+
+    from biwm.core.speed import SpeedOptions, apply_speedups
+
+    with pytest.raises(ValidationError, match="compiled"):
+        SpeedOptions(compiled=True)
+    world = tiny_world()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply_speedups(world, SpeedOptions(quantize={"name": "fp8"}))
+    assert getattr(world.backbone.trainable().blocks[1].attn1.to_q, "fp8_per_row", False)
+    assert "quantize fp8" in SpeedOptions(quantize={"name": "fp8"}).describe()
+
+
+def _window(world, device="cpu", history=6):
+    from biwm.core.window import Window
+
+    torch.manual_seed(1)
+    c = world.backbone.latent_channels
+    return Window(text=world.backbone.encode_text(["a room"]).to(device),
+                  chunk=torch.randn(1, c, 2, 8, 8, device=device), timestep=torch.full((1,), 600.0, device=device),
+                  history=torch.randn(1, c, history, 8, 8, device=device), camera=camera_for(history + 2, device))
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+
+@requires_gpu
+def test_gpu_rollout_with_cuda_generator_never_synchronises_and_overlap_matches_inline():
+    from biwm.core.speed import FrameStream
+
+    device = torch.device("cuda")
+    world = tiny_world(device, "bfloat16")
+    inline = FrameStream(world.backbone.stream_decoder(), device, overlap=False)
+    ref = roll(world, device, torch.Generator(device).manual_seed(0), on_chunk=lambda i, x: inline.submit(x))
+    overlapped = FrameStream(world.backbone.stream_decoder(), device, overlap=True)
+    inputs = rollout_inputs(world, device)
+    generator = torch.Generator(device).manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = roll(world, device, generator, on_chunk=lambda i, x: overlapped.submit(x), inputs=inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    got = overlapped.finish()
+    want = inline.finish() or [h for h, _ in inline.pending]
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want):
+        assert a.is_pinned() and torch.equal(a, b)
+
+
+@requires_gpu
+def test_gpu_compiled_blocks_match_eager():
+    from biwm.core.speed import SpeedOptions, apply_speedups
+
+    world = tiny_world("cuda", "bfloat16")
+    window = _window(world, "cuda")
+    with torch.no_grad():
+        ref = world(window)
+        apply_speedups(world, SpeedOptions(compile=True))
+        out = world(window)
+    torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)
+
+
+@requires_gpu
+def test_gpu_fp8_through_torchao_is_close_to_bf16():
+    pytest.importorskip("torchao")
+    from biwm.core.plugins import get_plugin_manager
+
+    world = tiny_world("cuda", "bfloat16")
+    window = _window(world, "cuda")
+    with torch.no_grad():
+        ref = world(window).float()
+        get_plugin_manager().get("quantizer", "fp8").create({}).convert(world.backbone.trainable(), training=False)
+        assert "Float8" in type(world.backbone.trainable().blocks[0].attn1.to_q.weight).__name__
+        out = world(window).float()
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert 1e-4 < err < 0.08, err
+
+
+def test_attention_option_reaches_the_transformers_processors_only():
+    from biwm.core.speed import SpeedOptions, apply_speedups
+
+    world = tiny_world()
+    window = _window(world)
+    ref = world(window)
+    apply_speedups(world, SpeedOptions(attention="math"))
+    blocks = world.backbone.trainable().blocks
+    # our maskable self-attention processor passes the dispatcher's choice to diffusers' own processor
+    assert blocks[0].attn1.processor.inner._attention_backend.value == "_native_math"
+    assert blocks[0].attn2.processor._attention_backend.value == "_native_math"
+    torch.testing.assert_close(world(window), ref, atol=1e-5, rtol=1e-4)
