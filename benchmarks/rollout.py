@@ -83,13 +83,14 @@ class Setup:
         self.steady_chunk = next((c for c in range(self.chunks) if budget[c] == budget[c + 1]), self.chunks - 1)
         self.history_tokens = budget[self.steady_chunk]
         self.warmup_chunks = min(self.chunks, self.steady_chunk + 2)
+        self.history = f"framepack {[list(level) for level in world.compressor.layout]}"
 
     def describe(self) -> dict[str, Any]:
         return {"preset": self.preset, "height": self.height, "width": self.width, "video_fps": self.fps,
                 "chunk_latent_frames": self.k, "denoising_steps": self.steps, "chunks": self.chunks,
                 "frames": self.frames, "seconds_of_video": round(self.frames / self.fps, 2),
                 "chunk_tokens": self.k * self.tokens_per_frame, "history_tokens_steady": self.history_tokens,
-                "steady_from_chunk": self.steady_chunk + 1, "history": "framepack [[1,1],[2,2],[4,16]]",
+                "steady_from_chunk": self.steady_chunk + 1, "history": self.history,
                 "cfg": "none (distilled)"}
 
 
@@ -154,7 +155,8 @@ def run_variant(variant: str, args, device: torch.device, attention: str, peak: 
         caught: list[warnings.WarningMessage] = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            if device.type == "cuda" and options.overlap_decode:
+            watch_syncs = device.type == "cuda" and options.overlap_decode
+            if watch_syncs:
                 torch.cuda.set_sync_debug_mode("warn")
             start = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
             if start is not None:
@@ -163,12 +165,13 @@ def run_variant(variant: str, args, device: torch.device, attention: str, peak: 
             try:
                 roll(setup.chunks, stream, marks)
             finally:
-                if device.type == "cuda":
+                if watch_syncs:
                     torch.cuda.set_sync_debug_mode("default")
         frames = stream.finish()
         synchronize(device)
         wall = time.perf_counter() - t0
-        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+        # the debug mode's own notice ("...is a prototype feature...") is not a synchronisation
+        syncs = [str(w.message).splitlines()[0] for w in caught if "called a synchronizing" in str(w.message)]
         if options.overlap_decode and device.type == "cuda":
             done = stream.done_event(0)
             done.synchronize()
@@ -232,7 +235,7 @@ def run_variant(variant: str, args, device: torch.device, attention: str, peak: 
         "dit_mfu": flops / dit_s / 1e12 / peak,
         "decode_mfu": decode_flops / decode_s / 1e12 / peak,
         "peak_gb": peak_gb,
-        "host_syncs_in_loop": len(syncs) if device.type == "cuda" and options.overlap_decode else None,
+        "host_syncs_in_loop": len(syncs) if watch_syncs else None,
         "host_sync_examples": sorted(set(syncs))[:5],
         "warmup_and_compile_s": warmup_s,
     }

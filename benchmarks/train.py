@@ -172,8 +172,7 @@ def measure(part: str, args, device: torch.device, peak: float) -> dict[str, Any
            "reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else None,
            "tflop_per_step": model_flops / 1e12, "tflop_per_step_with_recompute": flops / 1e12,
            "mfu": model_flops / step_s / 1e12 / peak, "hfu": flops / step_s / 1e12 / peak,
-           "setup_s": None}
-    out["setup_s"] = time.perf_counter() - started - sum(times)
+           "setup_s": time.perf_counter() - started - sum(times)}
     del step, worlds, counted
     reset_memory(device)
     return out

@@ -73,7 +73,7 @@ def test_frame_stream_inline_gives_uint8_frames_of_each_chunk_in_order():
     assert torch.equal(frames, expected)
 
 
-def test_rollout_noise_comes_from_the_generators_device_and_is_reproducible():
+def test_rollout_noise_is_reproducible_per_seed_with_a_cpu_generator():
     world = tiny_world()
     a = roll(world, "cpu", torch.Generator().manual_seed(3))
     b = roll(world, "cpu", torch.Generator().manual_seed(3))
