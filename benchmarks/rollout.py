@@ -6,17 +6,21 @@ of video. Random weights (speed does not depend on them).
     python benchmarks/rollout.py --preset wan2.2-ti2v-5b --out docs/results/gpu_rollout_h100
     python benchmarks/rollout.py --preset tiny --seconds 2 --out /tmp/rollout   # CPU smoke run
 
-Each variant is a cumulative set of speed options (``biwm.core.speed``), measured in the same
-process as the plain eager path:
+Each variant is a set of speed options (``biwm.core.speed``), measured in the same process as the
+plain eager path:
 
 - ``eager``: what ``biwm generate`` does: noise drawn on the host and copied over, each chunk
   decoded inline and copied to the host before the next starts, PyTorch's default attention.
 - ``overlap``: noise drawn on the GPU, decode on a side stream overlapped with the next chunk's
   denoising, frames copied to pinned memory asynchronously: no host synchronisation in the loop
   (checked with ``torch.cuda.set_sync_debug_mode``).
-- ``compile``: + the fastest attention kernel of the eager comparison, transformer blocks compiled.
-- ``decoder``: + the VAE decoder compiled.
-- ``fp8``: + FP8 linears through torchao (biwm-quant's ``fp8`` quantizer).
+- ``compile``: overlap + the fastest attention kernel of the eager comparison + transformer blocks
+  compiled (one static graph per window shape).
+- ``decoder``: compile + the VAE decoder with channels-last convolutions, compiled.
+- ``cudagraphs``: decoder, with the blocks compiled in ``reduce-overhead`` mode (CUDA graphs).
+- ``fp8``: overlap + the fastest attention kernel + FP8 linears through torchao (biwm-quant's
+  ``fp8`` quantizer), blocks not compiled: compiling the FP8 blocks takes minutes per window shape
+  (BENCHMARKS.md).
 
 For every variant: first-chunk latency (start to the first chunk's frames on the host), FPS
 sustained over the whole rollout (frames / wall time), and per part the isolated time of one
@@ -44,20 +48,27 @@ from _common import (SIZES, Timer, base_parser, build_world, count_flops, enviro
                      gemm_peak_tflops, keyboard_camera, latent_grid, markdown_table, median, parse_list,
                      peak_memory_gb, reset_memory, synchronize, write_json)
 
-LADDER = ["eager", "overlap", "compile", "decoder", "fp8"]
+VARIANTS = {
+    "eager": {"overlap_decode": False},
+    "overlap": {},
+    "compile": {"attention": "fastest", "compile": True},
+    "decoder": {"attention": "fastest", "compile": True, "compile_decoder": True, "channels_last_decoder": True},
+    "cudagraphs": {"attention": "fastest", "compile": True, "compile_mode": "reduce-overhead",
+                   "compile_decoder": True, "channels_last_decoder": True},
+    "fp8": {"attention": "fastest", "quantize": {"name": "fp8"}},
+}
+LADDER = list(VARIANTS)
+GOAL = {"fps_sustained": 30.0, "first_chunk_s": 0.5}  # issue 6, for Wan2.1-1.3B at 832x480 on one H100
 
 
 def speed_options(variant: str, attention: str):
+    """The SpeedOptions of ``variant``; ``attention``: the fastest kernel of the eager comparison."""
     from biwm.core.speed import SpeedOptions
 
-    rank = LADDER.index(variant)
-    return SpeedOptions(
-        attention=attention if rank >= 2 else "auto",
-        compile=rank >= 2,
-        compile_decoder=rank >= 3,
-        quantize={"name": "fp8"} if rank >= 4 else None,
-        overlap_decode=rank >= 1,
-    )
+    options = {"overlap_decode": True, **VARIANTS[variant]}
+    if options.get("attention") == "fastest":
+        options["attention"] = attention
+    return SpeedOptions(**options)
 
 
 class Setup:
@@ -140,10 +151,12 @@ def run_variant(variant: str, args, device: torch.device, attention: str, peak: 
                 setup.steps, 5.0, generator=generator(), on_chunk=on_chunk, student_sigmas=sigmas)
 
     with torch.no_grad():
-        # warm-up (compiles every window shape the rollout meets), untimed
-        stream = FrameStream(bb.stream_decoder(), device, options.overlap_decode)
-        roll(setup.warmup_chunks, stream, [])
-        stream.finish()
+        # warm-up, untimed: compiles every window shape the rollout meets; twice, because a decoder
+        # graph break on some torch versions (2.11) leaves pieces that compile only on the next rollout
+        for _ in range(2 if options.compile_decoder else 1):
+            stream = FrameStream(bb.stream_decoder(), device, options.overlap_decode)
+            roll(setup.warmup_chunks, stream, [])
+            stream.finish()
         synchronize(device)
         warmup_s = time.perf_counter() - started
         dit_timers.clear()
@@ -212,7 +225,7 @@ def run_variant(variant: str, args, device: torch.device, attention: str, peak: 
         dit_s, decode_s = median(dit), median(dec)
 
         profile = None
-        if args.profile and variant == args.variants[-1]:
+        if variant in args.profile:
             profile = profile_chunk(world, window, sigmas, noise, decoder, device)
 
     world.forward = inner
@@ -250,7 +263,9 @@ def run_variant(variant: str, args, device: torch.device, attention: str, peak: 
 
 
 def profile_chunk(world, window, sigmas, noise, decoder, device) -> dict[str, Any] | None:
-    """GPU time of one steady-state chunk (denoise + decode) by kernel class, from torch.profiler."""
+    """GPU time of one steady-state chunk (denoise + decode, inline) by kernel class, from
+    torch.profiler, and the share of the chunk's wall time the GPU spent in kernels: the most that
+    removing launch gaps (CUDA graphs) could save is the rest."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -258,8 +273,9 @@ def profile_chunk(world, window, sigmas, noise, decoder, device) -> dict[str, An
     from biwm.core.dmd import few_step_chunk
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        x = few_step_chunk(world, window, sigmas, noise)
-        decoder.decode(x)
+        with Timer(device) as wall:
+            x = few_step_chunk(world, window, sigmas, noise)
+            decoder.decode(x)
         torch.cuda.synchronize()
     classes: dict[str, float] = {}
     kernels = []
@@ -270,7 +286,10 @@ def profile_chunk(world, window, sigmas, noise, decoder, device) -> dict[str, An
         kernels.append((evt.key, us))
         classes[kernel_class(evt.key)] = classes.get(kernel_class(evt.key), 0.0) + us / 1000
     kernels.sort(key=lambda kv: -kv[1])
-    return {"ms_by_class": {k: round(v, 2) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
+    busy_ms = sum(classes.values())
+    return {"wall_ms": round(wall.seconds() * 1000, 2), "kernel_ms": round(busy_ms, 2),
+            "gpu_busy_fraction": round(busy_ms / (wall.seconds() * 1000), 4),
+            "ms_by_class": {k: round(v, 2) for k, v in sorted(classes.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": [[name[:90], round(us / 1000, 2)] for name, us in kernels[:12]]}
 
 
@@ -356,12 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk-frames", type=int, default=4)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--variants", default=",".join(LADDER),
-                        help=f"comma-separated, from {','.join(LADDER)} (cumulative speed options)")
+                        help=f"comma-separated, from {','.join(LADDER)} (speed options, see above)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the isolated per-part timings")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler breakdown of the last variant")
+    parser.add_argument("--profile", default="", metavar="VARIANTS",
+                        help="comma-separated variants to break down with torch.profiler (CUDA only)")
     parser.add_argument("--out", type=Path, help="write PREFIX.json (merged with another preset's) and PREFIX.md")
     args = parser.parse_args(argv)
     args.variants = parse_list(parser, "--variants", args.variants, LADDER)
+    args.profile = parse_list(parser, "--profile", args.profile, LADDER) if args.profile else []
     h, w, fps = SIZES[args.preset]
     args.height, args.width, args.fps = args.height or h, args.width or w, args.fps or fps
     if args.seconds <= 0 or args.chunk_frames < 1 or args.steps < 1 or args.repeats < 1:
@@ -429,7 +450,9 @@ def summary(models: dict[str, Any]) -> dict[str, Any]:
     return {"preset": preset, "device": m["environment"]["device"], "best_variant": best,
             "fps_sustained": r["fps_sustained"], "first_chunk_s": r["first_chunk_s"], "dit_mfu": r["dit_mfu"],
             "baseline_fps": ok.get("eager", {}).get("fps_sustained"),
-            "speedup_vs_eager": r["fps_sustained"] / ok["eager"]["fps_sustained"] if "eager" in ok else None}
+            "speedup_vs_eager": r["fps_sustained"] / ok["eager"]["fps_sustained"] if "eager" in ok else None,
+            "goal": {**GOAL, "met": r["fps_sustained"] >= GOAL["fps_sustained"]
+                     and r["first_chunk_s"] <= GOAL["first_chunk_s"]}}
 
 
 if __name__ == "__main__":

@@ -55,6 +55,8 @@ def test_rollout_benchmark_on_cpu_counts_frames_flops_and_merges_presets(tmp_pat
 def test_rollout_benchmark_rejects_unknown_variants():
     proc = run("rollout.py", "--preset", "tiny", "--variants", "eager,turbo")
     assert proc.returncode == 2 and "--variants: unknown turbo" in proc.stderr
+    proc = run("rollout.py", "--preset", "tiny", "--profile", "decoder,warp")
+    assert proc.returncode == 2 and "--profile: unknown warp" in proc.stderr
 
 
 def test_train_benchmark_on_cpu_times_stage1_and_both_dmd_critics(tmp_path):

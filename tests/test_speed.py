@@ -10,7 +10,6 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import requires_gpu
 
 
@@ -134,9 +133,8 @@ def test_fp8_errors_name_what_is_wrong():
 
 
 def test_speed_options_apply_quantizer_and_reject_unknown_fields():
-    from pydantic import ValidationError
-
     from biwm.core.speed import SpeedOptions, apply_speedups
+    from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match="compiled"):
         SpeedOptions(compiled=True)
@@ -156,6 +154,75 @@ def _window(world, device="cpu", history=6):
     return Window(text=world.backbone.encode_text(["a room"]).to(device),
                   chunk=torch.randn(1, c, 2, 8, 8, device=device), timestep=torch.full((1,), 600.0, device=device),
                   history=torch.randn(1, c, history, 8, 8, device=device), camera=camera_for(history + 2, device))
+
+
+def small_wan_codec():
+    from biwm.backbones.wan import WanVAECodec
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=16, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    return WanVAECodec(vae)
+
+
+def stream_decode(codec, chunks):
+    decoder = codec.stream_decoder()
+    with torch.no_grad():
+        return torch.cat([decoder.decode(z) for z in chunks], dim=2)
+
+
+def test_channels_last_decoder_gives_the_same_frames():
+    codec = small_wan_codec()
+    chunks = [torch.randn(1, 4, 2, 6, 8) for _ in range(3)]
+    ref = stream_decode(codec, chunks)
+    codec.channels_last_decoder()
+    convs = [m for m in codec.vae.decoder.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in convs)
+    assert not codec.vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    out = stream_decode(codec, chunks)
+    assert out.shape == (1, 3, 1 + 4 * 5, 48, 64)  # causal VAE: 1 + 4 (T - 1) frames, 8x spatial
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13),
+                    reason="torch < 2.13 graph-breaks on diffusers' tensor == 'Rep' comparison in WanResample")
+def test_compiled_decoder_has_one_graph_per_cache_state_and_no_graph_break():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    codec = small_wan_codec()
+    chunks = [torch.randn(1, 4, 2, 6, 8) for _ in range(3)]
+    ref = stream_decode(codec, chunks)
+    torch._dynamo.reset()
+    counters.clear()
+    codec.compile_decoder(backend="eager", dynamic=False)
+    try:
+        first, second = stream_decode(codec, chunks), stream_decode(codec, chunks)
+    finally:
+        torch._dynamo.reset()
+    # first latent frame, second, and every later one: three graphs for any number of rollouts
+    assert counters["stats"]["unique_graphs"] == 3
+    assert not counters["graph_break"]
+    torch.testing.assert_close(first, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(second, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_backbone_speed_methods_are_required_only_when_asked():
+    from types import SimpleNamespace
+
+    from biwm.core.speed import SpeedOptions, apply_speedups
+
+    world = SimpleNamespace(backbone=SimpleNamespace(trainable=lambda: torch.nn.Linear(2, 2)))
+    assert apply_speedups(world, SpeedOptions()) is world
+    with pytest.raises(ValueError, match=r"channels_last_decoder: the SimpleNamespace backbone has no "
+                                         r"channels_last_decoder\(\)"):
+        apply_speedups(world, SpeedOptions(channels_last_decoder=True))
+    tiny = tiny_world()  # the pixel codec of the tiny preset has nothing to convert: a no-op
+    window = _window(tiny)
+    ref = tiny(window)
+    apply_speedups(tiny, SpeedOptions(channels_last_decoder=True))
+    torch.testing.assert_close(tiny(window), ref)
 
 
 # ------------------------------------------------------------------------------------------- GPU

@@ -154,6 +154,19 @@ class WanVAECodec(nn.Module):
     def stream_decoder(self) -> "WanStreamDecoder":
         return WanStreamDecoder(self)
 
+    def channels_last_decoder(self) -> None:
+        """The decoder's Conv3d weights in channels-last (NDHWC) layout: cuDNN's bf16 kernels then
+        produce channels-last activations instead of transposing before and after each convolution
+        (the Conv2d of the spatial upsamplers keep their layout)."""
+        for module in self.vae.decoder.modules():
+            if isinstance(module, nn.Conv3d):
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+
+    def compile_decoder(self, **kwargs: Any) -> None:
+        """torch.compile the decoder's one-latent-frame step, the unit streaming decode runs: one graph
+        per frame-cache state (first frame, second frame, every later frame)."""
+        self.vae.decoder.compile(**kwargs)
+
 
 class WanStreamDecoder:
     """Decodes a rollout chunk by chunk, keeping the VAE's causal-conv caches between chunks so the
@@ -309,10 +322,14 @@ class WanBackbone(nn.Module):
         return self.codec.stream_decoder()
 
     def compile_decoder(self, **kwargs: Any) -> None:
-        """torch.compile the VAE decoder's one-latent-frame step, the unit streaming decode runs
-        (the pixel codec of tiny presets has nothing to compile)."""
+        """torch.compile the VAE decoder (the pixel codec of tiny presets has nothing to compile)."""
         if isinstance(self.codec, WanVAECodec):
-            self.codec.vae.decoder.compile(**kwargs)
+            self.codec.compile_decoder(**kwargs)
+
+    def channels_last_decoder(self) -> None:
+        """Channels-last convolutions in the VAE decoder (nothing to do for the pixel codec)."""
+        if isinstance(self.codec, WanVAECodec):
+            self.codec.channels_last_decoder()
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> Tensor:

@@ -9,6 +9,8 @@ turns generated chunks into uint8 frames in host memory without stalling the gen
   static shapes: a window's shape is fixed once the history compressor's budget is full, so a
   rollout compiles a handful of shapes during its first chunks and then reuses them).
 - ``compile_decoder``: the same for the codec's decoder, where the backbone offers it.
+- ``channels_last_decoder``: the decoder's 3-D convolution weights in channels-last layout, so
+  cuDNN's bf16 kernels read and write it without transposing around every convolution.
 - ``quantize``: a quantizer plugin (e.g. ``fp8`` from biwm-quant) converts the linear layers.
 - ``overlap_decode``: decode on a second CUDA stream, overlapped with the next chunk's denoising,
   and copy the frames to pinned host memory asynchronously; with a CUDA generator for the noise
@@ -37,8 +39,11 @@ class SpeedOptions(BaseModel):
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
         "auto", description="scaled_dot_product_attention kernel (auto: PyTorch's choice)")
     compile: bool = Field(False, description="torch.compile the transformer's blocks (static window shapes)")
-    compile_mode: str | None = Field(None, description="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    compile_mode: str | None = Field(None, description="torch.compile mode of the blocks, e.g. reduce-overhead "
+                                                       "(CUDA graphs) or max-autotune-no-cudagraphs")
     compile_decoder: bool = Field(False, description="torch.compile the codec's decoder (where the backbone can)")
+    channels_last_decoder: bool = Field(False, description="channels-last 3-D convolution weights in the decoder "
+                                                           "(where the backbone has them)")
     quantize: PluginRef | None = Field(None, description="quantizer plugin for the linear layers, e.g. {name: fp8}")
     overlap_decode: bool = Field(True, description="decode on a side CUDA stream while the next chunk denoises")
 
@@ -50,6 +55,8 @@ class SpeedOptions(BaseModel):
             parts.append("compiled blocks" + (f" ({self.compile_mode})" if self.compile_mode else ""))
         if self.compile_decoder:
             parts.append("compiled decoder")
+        if self.channels_last_decoder:
+            parts.append("channels-last decoder")
         parts.append("overlapped decode" if self.overlap_decode else "inline decode")
         return ", ".join(parts)
 
@@ -62,23 +69,33 @@ def apply_speedups(world: WorldModel, options: SpeedOptions) -> WorldModel:
         quantizer = get_plugin_manager().get("quantizer", options.quantize.name).create(options.quantize.options)
         quantizer.convert(world.backbone.trainable(), training=False)
     set_attention(world, options.attention)
-    if options.compile:
+    if options.compile or options.compile_decoder:
         import torch._dynamo
 
-        # one compiled graph per window shape and grad mode; the first chunks of a rollout see a few
+        # one compiled graph per window shape and grad mode (the first chunks of a rollout see a few),
+        # and per frame-cache state of the decoder
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if options.compile:
         kwargs = {"fullgraph": True, "dynamic": False, "mode": options.compile_mode}
         module = world.backbone.trainable()
         if hasattr(module, "compile_repeated_blocks"):  # diffusers models name their repeated blocks
             module.compile_repeated_blocks(**kwargs)
         else:
             module.compile(**kwargs)
-    if options.compile_decoder:
-        if not hasattr(world.backbone, "compile_decoder"):
-            name = type(world.backbone).__name__
-            raise ValueError(f"compile_decoder: the {name} backbone cannot compile its decoder")
-        world.backbone.compile_decoder(dynamic=False, mode=options.compile_mode)
+        if options.compile_mode == "reduce-overhead":
+            # each forward is a new step of the CUDA-graph tree, so the last one's outputs may be reused
+            world.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
+    if options.channels_last_decoder:
+        _backbone_method(world, "channels_last_decoder")()
+    if options.compile_decoder:  # default mode: its frame caches are fed back in, which CUDA graphs would overwrite
+        _backbone_method(world, "compile_decoder")(dynamic=False)
     return world
+
+
+def _backbone_method(world: WorldModel, name: str):
+    if not hasattr(world.backbone, name):
+        raise ValueError(f"{name}: the {type(world.backbone).__name__} backbone has no {name}()")
+    return getattr(world.backbone, name)
 
 
 def set_attention(world: WorldModel, name: str) -> None:
@@ -100,6 +117,19 @@ def set_attention(world: WorldModel, name: str) -> None:
         diffusers_logging.set_verbosity(level)
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One decode stream per device, shared by every FrameStream, so successive rollouts decode on
+    the same stream (the order between them is kept by its events either way)."""
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device())
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 class FrameStream:
     """Decodes generated chunks to uint8 frames [B, T, H, W, 3] in host memory, in order.
 
@@ -113,7 +143,7 @@ class FrameStream:
         self.decoder = decoder
         self.cuda = torch.device(device).type == "cuda"
         self.overlap = overlap and self.cuda
-        self.stream = torch.cuda.Stream(device) if self.overlap else None
+        self.stream = side_stream(torch.device(device)) if self.overlap else None
         self.pending: list[tuple[Tensor, torch.cuda.Event | None]] = []
         self.delivered = 0
         self.decode_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []

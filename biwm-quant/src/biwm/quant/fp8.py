@@ -2,9 +2,9 @@
 
 torchao's ``Float8DynamicActivationFloat8WeightConfig`` stores each weight in e4m3 with a scale per
 output row (or one per tensor) and quantises activations on the fly, per token, so the products run
-on the FP8 tensor cores (``torch._scaled_mm``). Its quantisation of the activations is only cheap
-when ``torch.compile`` fuses it into the neighbouring ops (see BENCHMARKS.md): use it with
-``compile: true``.
+on the FP8 tensor cores (``torch._scaled_mm``). Without ``torch.compile`` the quantisation of the
+activations runs as separate kernels, and on an H100 the Wan2.1-1.3B transformer is then slower
+than in bf16 (BENCHMARKS.md).
 
 Where no FP8 GEMM exists (CPU, GPUs before compute capability 8.9) the same numbers are emulated:
 weights and, through a forward pre-hook, activations are rounded to e4m3 with the same scales and
