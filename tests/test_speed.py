@@ -267,6 +267,30 @@ def test_gpu_compiled_blocks_match_eager():
 
 
 @requires_gpu
+def test_gpu_channels_last_compiled_decoder_is_as_close_to_fp32_as_eager_bf16():
+    import torch._dynamo
+
+    chunks = [torch.randn(1, 4, 2, 6, 8, device="cuda") for _ in range(4)]
+    ref = stream_decode(small_wan_codec().cuda(), chunks)  # fp32, same weights (same seed)
+    codec = small_wan_codec().to("cuda", torch.bfloat16)
+
+    def error(out):
+        return ((out.float() - ref).norm() / ref.norm()).item()
+
+    eager = error(stream_decode(codec, chunks))
+    assert 1e-4 < eager < 0.1, eager
+    codec.channels_last_decoder()
+    torch._dynamo.reset()
+    codec.compile_decoder(dynamic=False)
+    try:
+        for _ in range(2):  # the second rollout runs what the first compiled
+            compiled = error(stream_decode(codec, chunks))
+            assert compiled < 1.5 * eager, (compiled, eager)
+    finally:
+        torch._dynamo.reset()
+
+
+@requires_gpu
 def test_gpu_fp8_through_torchao_is_close_to_bf16():
     pytest.importorskip("torchao")
     from biwm.core.plugins import get_plugin_manager
