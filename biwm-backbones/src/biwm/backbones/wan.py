@@ -164,7 +164,9 @@ class WanVAECodec(nn.Module):
 
     def compile_decoder(self, **kwargs: Any) -> None:
         """torch.compile the decoder's one-latent-frame step, the unit streaming decode runs: one graph
-        per frame-cache state (first frame, second frame, every later frame)."""
+        per frame-cache state (first frame, second frame, every later frame) on torch >= 2.13. Older
+        dynamo (2.11) breaks the graph at diffusers' ``tensor == "Rep"`` test in WanResample and
+        compiles the pieces separately, settling after the first full rollout."""
         self.vae.decoder.compile(**kwargs)
 
 
