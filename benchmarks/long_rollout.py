@@ -17,7 +17,6 @@ rollout. Tokens per window are counted at the transformer's input (history + chu
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -26,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, Path, list[str]]:
@@ -198,13 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, run, overrides in variants:
             print(f"{name}: {args.chunks} chunks x {args.trajectories} trajectories ...", file=sys.stderr, flush=True)
             results[name] = measure(run, overrides, args, args.device)
-        import diffusers
-        from importlib.metadata import version
-
-        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-        setup = {"device": device, "date": datetime.date.today().isoformat(),
-                 "versions": f"torch {torch.__version__}, diffusers {diffusers.__version__}, biwm "
-                             f"{version('biwm-core')}",
+        env = environment(torch.device(args.device))
+        setup = {"device": env["device"], "date": env["date"],
+                 "versions": f"torch {env['torch']}, diffusers {env['diffusers']}, biwm {env['biwm-core']}",
                  "command": "python benchmarks/long_rollout.py " + " ".join(sys.argv[1:] if argv is None else argv),
                  "chunks": args.chunks, "chunk_latent_frames": args.chunk_frames,
                  "history_latent_frames": args.history_frames, "trajectories": args.trajectories}

@@ -19,8 +19,8 @@ plain eager path:
 - ``decoder``: compile + the VAE decoder with channels-last convolutions, compiled.
 - ``cudagraphs``: decoder, with the blocks compiled in ``reduce-overhead`` mode (CUDA graphs).
 - ``fp8``: overlap + the fastest attention kernel + FP8 linears through torchao (biwm-quant's
-  ``fp8`` quantizer), blocks not compiled: compiling the FP8 blocks takes minutes per window shape
-  (BENCHMARKS.md).
+  ``fp8`` quantizer), blocks not compiled: compiling the FP8 blocks for every window shape did not fit a
+  10-minute device run (BENCHMARKS.md).
 
 For every variant: first-chunk latency (start to the first chunk's frames on the host), FPS
 sustained over the whole rollout (frames / wall time), and per part the isolated time of one
@@ -110,8 +110,10 @@ def run_variant(variant: str, args, device: torch.device, attention: str, peak: 
     from biwm.core.dmd import few_step_chunk, student_sigmas
     from biwm.core.rollout import rollout
     from biwm.core.speed import FrameStream, apply_speedups
+    from biwm.core.stages.distill import DistillConfig
     from biwm.core.window import Window
 
+    shift = DistillConfig.model_fields["student_shift"].default  # the distill stage's default student
     options = speed_options(variant, attention)
     reset_memory(device)
     world = build_world(args.preset, device, args.dtype, inference=True).eval().requires_grad_(False)
@@ -124,7 +126,7 @@ def run_variant(variant: str, args, device: torch.device, attention: str, peak: 
     c = bb.latent_channels
     camera = keyboard_camera(setup.chunks * setup.k, setup.tf, setup.width / setup.height, device)
     empty = torch.zeros(1, c, 0, *setup.hw, device=device)
-    sigmas = student_sigmas(setup.steps, 5.0, device)
+    sigmas = student_sigmas(setup.steps, shift, device)
 
     dit_timers: list[Timer] = []
     inner = world.forward
@@ -148,7 +150,7 @@ def run_variant(variant: str, args, device: torch.device, attention: str, peak: 
             marks.append(time.perf_counter())
 
         rollout(world, text, null, empty, camera.frames(slice(0, chunks * setup.k * setup.tf)), chunks, setup.k,
-                setup.steps, 5.0, generator=generator(), on_chunk=on_chunk, student_sigmas=sigmas)
+                setup.steps, shift, generator=generator(), on_chunk=on_chunk, student_sigmas=sigmas)
 
     with torch.no_grad():
         # warm-up, untimed: compiles every window shape the rollout meets; twice, because a decoder
@@ -165,7 +167,6 @@ def run_variant(variant: str, args, device: torch.device, attention: str, peak: 
         # the timed rollout
         stream = FrameStream(bb.stream_decoder(), device, options.overlap_decode)
         marks: list[float] = []
-        caught: list[warnings.WarningMessage] = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             watch_syncs = device.type == "cuda" and options.overlap_decode

@@ -219,16 +219,16 @@ def main(argv: list[str] | None = None) -> int:
             reset_memory(device)
         print(f"  {results[part]}", file=sys.stderr, flush=True)
 
-    print(markdown_table(HEADER, rows(results)))
+    table = markdown_table(HEADER, rows(results))
+    print(table)
     if args.out:
+        env = environment(device)
         data = {"preset": args.preset, "height": args.height, "width": args.width, "dtype": args.dtype,
                 "gradient_checkpointing": args.checkpointing, "batch_size": 1, "peak_bf16_tflops": peak,
-                **results, "environment": environment(device), "device": environment(device)["device"],
-                "command": "python " + " ".join(sys.argv)}
+                **results, "environment": env, "device": env["device"], "command": "python " + " ".join(sys.argv)}
         write_json(args.out.with_suffix(".json"), data)
         from biwm.core.checkpoint import atomic_write_text
 
-        table = markdown_table(HEADER, rows(results))
         atomic_write_text(args.out.with_suffix(".md"), f"`{data['command']}`\n\n{table}\n")
     return 0
 

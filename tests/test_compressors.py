@@ -281,7 +281,10 @@ def test_long_rollout_benchmark_runs_on_cpu(tmp_path):
     assert doc["last2"]["tokens_per_window"] == [64, 64, 64]
     for r in (doc["all"], doc["last2"]):
         assert len(r["sec_per_chunk"]) == len(r["psnr_per_chunk"]) == 3 and min(r["sec_per_chunk"]) > 0
-    assert doc["setup"]["device"] == "cpu" and out.with_suffix(".png").is_file()
+    cpu = long_rollout.environment(torch.device("cpu"))  # the record the other benchmarks write
+    assert doc["setup"]["device"] == cpu["device"] and doc["setup"]["date"] == cpu["date"]
+    assert doc["setup"]["versions"] == f"torch {torch.__version__}, diffusers {cpu['diffusers']}, biwm {cpu['biwm-core']}"
+    assert out.with_suffix(".png").is_file()
     assert "| last2 | 64 | 64 |" in out.with_suffix(".md").read_text()
     out.with_suffix(".md").unlink()
     assert long_rollout.main(["--render", str(out.with_suffix(".json"))]) == 0

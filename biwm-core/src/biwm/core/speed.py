@@ -117,19 +117,6 @@ def set_attention(world: WorldModel, name: str) -> None:
         diffusers_logging.set_verbosity(level)
 
 
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """One decode stream per device, shared by every FrameStream, so successive rollouts decode on
-    the same stream (the order between them is kept by its events either way)."""
-    if device.index is None:
-        device = torch.device(device.type, torch.cuda.current_device())
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
-
 class FrameStream:
     """Decodes generated chunks to uint8 frames [B, T, H, W, 3] in host memory, in order.
 
@@ -143,7 +130,7 @@ class FrameStream:
         self.decoder = decoder
         self.cuda = torch.device(device).type == "cuda"
         self.overlap = overlap and self.cuda
-        self.stream = side_stream(torch.device(device)) if self.overlap else None
+        self.stream = torch.cuda.Stream(device) if self.overlap else None
         self.pending: list[tuple[Tensor, torch.cuda.Event | None]] = []
         self.delivered = 0
         self.decode_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
