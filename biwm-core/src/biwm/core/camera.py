@@ -420,7 +420,13 @@ def default_intrinsics(
 
 
 def camera_rays(c2w: Tensor, intrinsics: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
-    """Ray origins [B, T, 3] and unit world directions [B, T, 3, height, width] of pixel centres."""
+    """Ray origins [B, T, 3] and unit world directions [B, T, 3, height, width] of pixel centres,
+    in float32 (also under autocast: geometry in bf16 would misplace rays by a pixel)."""
+    with torch.autocast(c2w.device.type, enabled=False):
+        return _camera_rays(c2w, intrinsics, height, width)
+
+
+def _camera_rays(c2w: Tensor, intrinsics: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
     device = c2w.device
     v = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
     u = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
@@ -436,4 +442,5 @@ def plucker_rays(c2w: Tensor, intrinsics: Tensor, height: int, width: int) -> Te
     """Plücker embeddings ``(o x d, d)`` [B, T, 6, height, width] of every pixel's ray."""
     origins, directions = camera_rays(c2w, intrinsics, height, width)
     origins = origins[..., None, None].expand_as(directions)
-    return torch.cat([torch.linalg.cross(origins, directions, dim=2), directions], dim=2)
+    with torch.autocast(c2w.device.type, enabled=False):
+        return torch.cat([torch.linalg.cross(origins, directions, dim=2), directions], dim=2)

@@ -47,6 +47,10 @@ class LatentClips:
     def num_latent_frames(self) -> int:
         return self.latents.shape[2]
 
+    def to(self, device: torch.device | str) -> "LatentClips":
+        """Latents and cameras on ``device`` (ground-truth frames stay where they are)."""
+        return LatentClips(self.latents.to(device), self.camera.to(device), self.frames, self.seeds)
+
 
 @torch.no_grad()
 def encode_clips(clips: ToyClips, backbone: Backbone, batch_size: int = 16, device: torch.device | str = "cpu",

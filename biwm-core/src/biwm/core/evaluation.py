@@ -85,9 +85,25 @@ def rollout_video(world: WorldModel, text: Tensor, null_text: Tensor, history: T
     return torch.cat(pieces, dim=2).transpose(1, 2)
 
 
+def high_frequency_energy(video: Tensor) -> Tensor:
+    """Mean squared response of the 3x3 Laplacian over frames [..., 3, H, W] (pixel values in [0, 1])."""
+    from biwm.core.metrics import _unit
+
+    x = _unit(video).flatten(0, -4)
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=x.device)
+    response = torch.nn.functional.conv2d(x, kernel.expand(3, 1, 3, 3), groups=3)
+    return response.pow(2).mean()
+
+
+def sharpness(generated: Tensor, truth: Tensor) -> float:
+    """High-frequency energy of the generated frames over that of the true ones: 1 is as sharp as
+    the world, below 1 blurry (a model averaging its options), above 1 noisy or over-sharpened."""
+    return float(high_frequency_energy(generated) / high_frequency_energy(truth).clamp_min(1e-12))
+
+
 def quality_scores(generated: Tensor, truth: Tensor, frames_per_chunk: int, prefix: str = "") -> dict[str, Any]:
     """PSNR and SSIM against the truth, overall and per chunk, with the drop from the first chunk
-    to the last (the drift)."""
+    to the last (the drift), and the sharpness."""
     psnr_chunks = psnr_per_chunk(generated, truth, frames_per_chunk)  # [B, C]
     ssim_frames = ssim(generated, truth)  # [B, T]
     ssim_chunks = per_chunk(ssim_frames, frames_per_chunk).mean(2)
@@ -98,14 +114,16 @@ def quality_scores(generated: Tensor, truth: Tensor, frames_per_chunk: int, pref
             f"{prefix}psnr_per_chunk": p, f"{prefix}ssim_per_chunk": s,
             f"{prefix}psnr_chunk1": p[0], f"{prefix}psnr_chunk{last}": p[-1],
             f"{prefix}psnr_drop_1_to_{last}": p[0] - p[-1],
-            f"{prefix}ssim_chunk1": s[0], f"{prefix}ssim_chunk{last}": s[-1]}
+            f"{prefix}ssim_chunk1": s[0], f"{prefix}ssim_chunk{last}": s[-1],
+            f"{prefix}sharpness": sharpness(generated, truth)}
 
 
 def camera_scores(idm: InverseDynamicsModel, frames: Tensor, commanded: CameraTrack, start: int,
-                  config: ToyWorldConfig) -> dict[str, Any]:
+                  config: ToyWorldConfig, frames_per_chunk: int = 1) -> dict[str, Any]:
     """How well frames follow the commanded camera from video frame ``start`` on: ``frames`` holds
-    frames start-1 .. end (the last history frame first). IDM label accuracy, and the error of the
-    poses its labels integrate to from the last history pose."""
+    frames start-1 .. end (the last history frame first). IDM label accuracy (overall, per chunk of
+    ``frames_per_chunk`` frames and over the last five chunks), and the error of the poses its
+    labels integrate to from the last history pose."""
     predicted = idm.predict(frames)  # [B, T']
     actions = commanded.actions[:, start:].cpu()
     out = action_accuracy(predicted, actions)
@@ -113,6 +131,11 @@ def camera_scores(idm: InverseDynamicsModel, frames: Tensor, commanded: CameraTr
     angle, distance = pose_errors(poses, commanded.c2w[:, start:].cpu())
     out.update(rotation_error_deg=float(angle.mean()), translation_error=float(distance.mean()),
                final_rotation_error_deg=float(angle[:, -1].mean()), final_translation_error=float(distance[:, -1].mean()))
+    hits = (predicted == actions).float()  # [B, T']
+    if hits.shape[1] % frames_per_chunk == 0:
+        chunk_hits = per_chunk(hits, frames_per_chunk).mean(dim=(0, 2))
+        out["accuracy_per_chunk"] = chunk_hits.tolist()
+        out["accuracy_last5"] = float(chunk_hits[-5:].mean())  # the last five chunks (16-20 of 20)
     out["predicted"] = predicted
     return out
 

@@ -51,6 +51,8 @@ ASSETS = Path(__file__).parent / "assets" / "idm"
 def idm_key(config: ToyWorldConfig) -> str:
     """Identifies the rendering an IDM was trained for (everything but the action policy)."""
     fields = {k: v for k, v in config.model_dump(mode="json").items() if k not in _POLICY_FIELDS}
+    if fields.get("supersample") == 1:
+        del fields["supersample"]  # renders as before anti-aliasing existed: the same key, the same IDM
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -62,8 +62,8 @@ class ToyWorldConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    height: int = Field(64, ge=8, description="frame height in pixels")
-    width: int = Field(64, ge=8, description="frame width in pixels")
+    height: int = Field(32, ge=8, description="frame height in pixels")
+    width: int = Field(32, ge=8, description="frame width in pixels")
     fov_deg: float = Field(75.0, gt=10.0, lt=150.0, description="horizontal field of view in degrees")
     room_half_size: float = Field(4.0, gt=1.5, description="half the side of the square room (world units)")
     wall_height: float = Field(2.5, gt=0.5, description="height of the walls (world units)")
@@ -77,6 +77,8 @@ class ToyWorldConfig(BaseModel):
     idle_prob: float = Field(0.15, ge=0.0, le=1.0, description="chance a random-policy action is idle")
     clearance: float = Field(0.3, ge=0.0, description="closest the camera may get to walls and static boxes")
     fog_density: float = Field(0.04, ge=0.0, description="fog extinction per world unit")
+    supersample: int = Field(1, ge=1, le=8, description="rays per pixel along each axis, box-filtered: "
+                             "anti-aliasing, so a sub-pixel camera move changes the image smoothly")
 
     @model_validator(mode="after")
     def _check(self) -> ToyWorldConfig:
@@ -318,23 +320,29 @@ def render(
     times: Tensor,
     height: int,
     width: int,
+    supersample: int = 1,
 ) -> Tensor:
     """Render frames uint8 [B, T, 3, height, width] of scenes at poses [B, T, 4, 4] and times [B, T].
 
-    Intrinsics are normalised [B, 3, 3]; times are frame indices (may be fractional).
+    Intrinsics are normalised [B, 3, 3]; times are frame indices (may be fractional). Each pixel
+    averages ``supersample``² rays on a regular sub-pixel grid.
     """
     batch, frames = c2w.shape[:2]
     device = c2w.device
     clip_of_frame = torch.arange(batch, device=device).repeat_interleave(frames)
     flat_c2w = c2w.reshape(-1, 4, 4).float()
     flat_centres = scenes.box_centres(times.to(device).float()).flatten(0, 1)
-    out = torch.empty(batch * frames, 3, height * width, dtype=torch.uint8, device=device)
-    chunk = max(1, _RAYS_PER_CHUNK // (height * width))
+    out = torch.empty(batch * frames, 3, height, width, dtype=torch.uint8, device=device)
+    s = supersample
+    chunk = max(1, _RAYS_PER_CHUNK // (height * width * s * s))
     for start in range(0, batch * frames, chunk):
         rows = slice(start, start + chunk)
         clips = clip_of_frame[rows]
-        origins, directions = camera_rays(flat_c2w[rows, None], intrinsics[clips], height, width)
+        origins, directions = camera_rays(flat_c2w[rows, None], intrinsics[clips], height * s, width * s)
         colour = _shade(scenes.index(clips), origins[:, 0], directions[:, 0].flatten(2), flat_centres[rows])
+        colour = colour.unflatten(-1, (height * s, width * s))
+        if s > 1:  # box filter over each pixel's s x s rays
+            colour = torch.nn.functional.avg_pool2d(colour, s)
         out[rows] = (colour.clamp(0, 1) * 255).round().to(torch.uint8)
     return out.view(batch, frames, 3, height, width)
 
@@ -406,7 +414,7 @@ def render_clips(
         actions = poses_to_actions(c2w, **steps)
     intrinsics = default_intrinsics(config.fov_deg, config.width / config.height, len(seeds), device)
     times = torch.arange(num_frames, device=device, dtype=torch.float32).expand(shape)
-    frames = render(scenes, c2w, intrinsics, times, config.height, config.width)
+    frames = render(scenes, c2w, intrinsics, times, config.height, config.width, config.supersample)
     return ToyClips(frames, CameraTrack(c2w, intrinsics, actions), seeds)
 
 

@@ -110,7 +110,7 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
                                  recipe.model.attention, on_chunk=lambda _i: update())
 
         def follows(video, cam=camera):
-            return camera_scores(idm, torch.cat([last_history, as_uint8(video)], 1), cam, h_video, toy)
+            return camera_scores(idm, torch.cat([last_history, as_uint8(video)], 1), cam, h_video, toy, per_chunk)
 
         correct = roll(world, sampler)
         metrics.update(quality_scores(correct, truth, per_chunk))
@@ -170,7 +170,8 @@ def teacher_scores(ctx, cfg: EvaluateConfig, path: Path, student: dict, score, r
     ctx.console.print(f"teacher: {sampler.describe()}")
     quality, follow = score(roll(teacher, sampler))
     return {"teacher_psnr": quality["psnr"], "teacher_psnr_per_chunk": quality["psnr_per_chunk"],
-            "teacher_ssim": quality["ssim"], "teacher_idm_accuracy": follow["accuracy"],
+            "teacher_ssim": quality["ssim"], "teacher_sharpness": quality["sharpness"],
+            "teacher_idm_accuracy": follow["accuracy"], "teacher_idm_accuracy_last5": follow.get("accuracy_last5"),
             "teacher_nfe_per_chunk": sampler.nfe_per_chunk, "teacher_sampler": sampler.describe(),
-            "student_psnr": student["psnr"], "student_ssim": student["ssim"],
+            "student_psnr": student["psnr"], "student_ssim": student["ssim"], "student_sharpness": student["sharpness"],
             "student_idm_accuracy": student["idm_accuracy"], "student_nfe_per_chunk": student["nfe_per_chunk"]}

@@ -36,9 +36,27 @@ class FinetuneConfig(Strict):
     text_dropout: float = Field(0.1, ge=0, le=1)
     control_dropout: float = Field(0.1, ge=0, le=1)
     timestep_shift: float = Field(3.0, gt=0, description="shift of the training sigma distribution")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="after warm-up: constant, or a "
+                                                       "cosine decay to min_lr_ratio * lr at the last step")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    ema: float | None = Field(None, gt=0, lt=1, description="EMA decay of the trained weights; model.safetensors "
+                              "is then the EMA (null: the last weights)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast the forward and backward "
+                                               "(fp32 master weights and optimizer)")
+    compile: bool = Field(False, description="torch.compile the world model (one graph for every window shape; "
+                                             "worth it on a GPU, where small models are launch-bound)")
+    log_every: int = Field(50, ge=1, description="steps between loss read-outs (each waits for the device)")
     checkpoint_every: int = Field(50, ge=1)
     train: Literal["all", "controls"] = Field("all", description="train everything, or only the control injectors")
     init: InputFile | None = Field(None, description="start from this biwm model.safetensors")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of (0-based) ``step``: linear warm-up, then constant or cosine decay."""
+        scale = min(1.0, (step + 1) / max(1, self.warmup_steps))
+        if self.lr_schedule == "cosine" and step >= self.warmup_steps:
+            progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+            scale = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.lr * scale
 
     def check(self, recipe) -> list[str]:
         frames = recipe.data.frames
@@ -48,7 +66,10 @@ class FinetuneConfig(Strict):
 
 
 def sample_batch(data, cfg: FinetuneConfig, generator: torch.Generator, device: torch.device):
-    """A batch of windows with one shared shape: (x0 chunk, history, camera)."""
+    """A batch of windows with one shared shape: (x0 chunk, history, camera).
+
+    The shape (chunk start, history length) and the clips are drawn from ``generator`` on the host;
+    the gathering happens where ``data`` lives, so data resident on the GPU never crosses the bus."""
     n, _, frames = data.latents.shape[:3]
     k = cfg.chunk_frames
     tf = data.camera.num_frames // frames
@@ -57,13 +78,14 @@ def sample_batch(data, cfg: FinetuneConfig, generator: torch.Generator, device: 
     h_len = 0
     if start > 0 and cfg.max_history > 0 and float(torch.rand(1, generator=generator)) >= cfg.no_history_prob:
         h_len = int(torch.randint(1, min(start, cfg.max_history) + 1, (1,), generator=generator))
+    idx = idx.to(data.latents.device, non_blocking=True)
     window = data.latents[idx, :, start - h_len:start + k].to(device)  # copy only the frames used
     history, x0 = window[:, :, :h_len], window[:, :, h_len:]
     camera = data.camera.select(idx).frames(slice((start - h_len) * tf, (start + k) * tf)).to(device)
     return x0, history, camera
 
 
-def make_optimizer(world, cfg: FinetuneConfig) -> torch.optim.AdamW:
+def make_optimizer(world, cfg: FinetuneConfig, fused: bool = False) -> torch.optim.AdamW:
     """AdamW over what trains; the control injectors and the compressor, which start from zero or
     from derived weights, at ``new_module_lr_scale`` times the rate (the group's ``lr_scale``)."""
     new = {id(p) for m in (world.controls, world.compressor) for p in m.parameters()}
@@ -71,35 +93,56 @@ def make_optimizer(world, cfg: FinetuneConfig) -> torch.optim.AdamW:
     groups = [{"params": [p for p in params if id(p) not in new], "lr_scale": 1.0},
               {"params": [p for p in params if id(p) in new], "lr_scale": cfg.new_module_lr_scale}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             betas=(0.9, 0.99))
+                             betas=(0.9, 0.99), fused=fused or None)
 
 
 def finetune_loss(world, cfg: FinetuneConfig, x0: torch.Tensor, history: torch.Tensor, camera, text: torch.Tensor,
                   null_text: torch.Tensor, generator: torch.Generator, attention: str) -> torch.Tensor:
     """Flow-matching loss of one batch of windows: the chunk noised to a random level, optional
-    noise on the history, text and control dropped per sample (for classifier-free guidance)."""
+    noise on the history, text and control dropped per sample (for classifier-free guidance).
+
+    Every random draw comes from ``generator`` on its own device (a CUDA generator keeps the step
+    free of host-to-device copies)."""
     from biwm.core.schedule import add_noise, training_sigmas, velocity_target
     from biwm.core.window import Window
 
     device = x0.device
+    where = generator.device
     b = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=generator).to(device)
-    sigma = training_sigmas(b, cfg.timestep_shift, generator).to(device)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=generator, device=where).to(device)
+
+    noise = torch.randn(x0.shape, generator=generator, device=where).to(device)
+    sigma = training_sigmas(b, cfg.timestep_shift, generator, device=where).to(device)
     if cfg.history_noise > 0 and history.shape[2]:
-        noisy = (torch.rand(b, generator=generator) < cfg.history_noise_prob).float().to(device)
+        noisy = (rand(b) < cfg.history_noise_prob).float()
         history = history + cfg.history_noise * noisy.view(-1, 1, 1, 1, 1) * torch.randn(
-            history.shape, generator=generator).to(device)
-    drop_text = (torch.rand(b, generator=generator) < cfg.text_dropout).to(device)
+            history.shape, generator=generator, device=where).to(device)
+    drop_text = rand(b) < cfg.text_dropout
     batch_text = torch.where(drop_text.view(-1, 1, 1), null_text.expand_as(text), text)
-    control_mask = (torch.rand(b, generator=generator) >= cfg.control_dropout).float().to(device)
+    control_mask = (rand(b) >= cfg.control_dropout).float()
     window = Window(text=batch_text, chunk=add_noise(x0, noise, sigma), timestep=sigma * 1000, history=history,
                     camera=camera, control_mask=control_mask, attention=attention)
-    return torch.nn.functional.mse_loss(world(window).float(), velocity_target(x0, noise).float())
+    with torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+        velocity = world(window)
+    return torch.nn.functional.mse_loss(velocity.float(), velocity_target(x0, noise).float())
+
+
+def _blame(cfg: FinetuneConfig) -> str:
+    """The settings that can make the loss diverge, as they stand."""
+    suspects = [f"lr: {cfg.lr:g}"]
+    if cfg.history_noise > 1:
+        suspects.insert(0, f"history_noise: {cfg.history_noise:g} (latents are of order 1)")
+    if cfg.precision == "bf16":
+        suspects.append("precision: bf16")
+    return "check stages.finetune " + ", ".join(suspects)
 
 
 def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     from biwm.core.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_weights
     from biwm.core.data import toyworld_latents
+    from biwm.core.ema import ModelEMA
     from biwm.core.runner import progress_bar
     from biwm.core.stages.common import load_world_model, text_embeddings
 
@@ -115,51 +158,80 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     params = [p for p in world.parameters() if p.requires_grad]
     if not params:
         raise ValueError("stage finetune: nothing to train (train: controls with no controls in the model)")
-    optimizer = make_optimizer(world, cfg)
+    optimizer = make_optimizer(world, cfg, fused=device.type == "cuda")
 
     tf = world.backbone.temporal_factor
     latent_frames = 1 + (recipe.data.frames - 1) // tf
     with ctx.console.status(f"rendering and encoding {recipe.data.train_clips} toy-world training clips"):
         data = toyworld_latents("train", recipe.data.train_clips, latent_frames, recipe.data.toyworld, world.backbone,
                                 ctx.run_dir / "cache", ctx.cache_key(), device=device)
+    data = data.to(device)  # resident: a step gathers its windows where they are
     text, null_text = text_embeddings(world, recipe.data.prompt, cfg.batch_size, device)
 
     world, optimizer = acc.prepare(world, optimizer)
     model = acc.unwrap_model(world)
-    generator = torch.Generator().manual_seed(recipe.seed + 1)
+    forward = torch.compile(world, dynamic=True) if cfg.compile else world
+    ema = ModelEMA(model.trainable_modules(), cfg.ema) if cfg.ema else None
+    saved = {**model.trainable_modules(), **({"ema": ema} if ema is not None else {})}
+    generator = torch.Generator().manual_seed(recipe.seed + 1)  # window shapes and clips, on the host
+    noise_generator = torch.Generator(device)  # noise and dropout, reseeded per step: resumable, no state
     ckpt_dir = stage_dir / "checkpoints"
     step = 0
     if ctx.resume and (ckpts := list_checkpoints(ckpt_dir)):
-        meta = load_checkpoint(ckpts[-1], model.trainable_modules(), {"model": optimizer}, generator)
+        meta = load_checkpoint(ckpts[-1], saved, {"model": optimizer}, generator)
         step = meta["step"]
         ctx.console.print(f"resumed finetune from {ckpts[-1].name} (step {step})")
 
     losses: list[float] = []
+    pending: list[torch.Tensor] = []  # losses still on the device, read every log_every steps
+    shown = step
     started = time.time()
     world.train()
+
+    def read_losses() -> None:
+        if not pending:
+            return
+        values = torch.stack(pending).tolist()
+        pending.clear()
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        if bad is not None:
+            at = step - len(values) + bad + 1
+            raise FloatingPointError(f"finetune loss is {values[bad]} at step {at}; {_blame(cfg)}")
+        losses.extend(values)
+
     with progress_bar(ctx.console, "finetune", cfg.steps, completed=step) as update:
         while step < cfg.steps:
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * group["lr_scale"] * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+                group["lr"] = cfg.lr_at(step) * group["lr_scale"]
+            noise_generator.manual_seed(recipe.seed * 1_000_003 + step)
             x0, history, camera = sample_batch(data, cfg, generator, device)
-            loss = finetune_loss(world, cfg, x0, history, camera, text, null_text, generator, recipe.model.attention)
+            loss = finetune_loss(forward, cfg, x0, history, camera, text, null_text, noise_generator,
+                                 recipe.model.attention)
             acc.backward(loss)
             acc.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model.trainable_modules(), step)
             step += 1
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"finetune loss is {value} at step {step}; lower stages.finetune.lr")
-            losses.append(value)
-            update(loss=sum(losses[-20:]) / len(losses[-20:]), hist=history.shape[2])
+            pending.append(loss.detach())
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                read_losses()
+                recent = losses[-cfg.log_every:]
+                update(advance=step - shown, loss=sum(recent) / len(recent), lr=cfg.lr_at(step - 1))
+                shown = step
             if step % cfg.checkpoint_every == 0 and step < cfg.steps and acc.is_main_process:
-                save_checkpoint(ckpt_dir, step, model.trainable_modules(), {"model": optimizer}, {}, generator)
+                read_losses()
+                save_checkpoint(ckpt_dir, step, saved, {"model": optimizer}, {}, generator)
+    read_losses()
+    seconds = time.time() - started
 
     if acc.is_main_process:
-        save_weights(stage_dir / "model.safetensors", model.trainable_modules(), {"stage": "finetune"})
+        final = ema.modules_by_name() if ema is not None else model.trainable_modules()
+        save_weights(stage_dir / "model.safetensors", final, {"stage": "finetune"})
     head = losses[: max(1, len(losses) // 10)]
     tail = losses[-max(1, len(losses) // 10):]
     return {"finetune_steps": step, "finetune_loss_first": sum(head) / len(head) if head else None,
             "finetune_loss_last": sum(tail) / len(tail) if tail else None,
-            "finetune_seconds": round(time.time() - started, 1)}
+            "finetune_seconds": round(seconds, 1),
+            "finetune_steps_per_second": round(len(losses) / seconds, 2) if seconds > 0 else None}

@@ -1,0 +1,108 @@
+"""The toy lab's training and scoring pieces: anti-aliased rendering, EMA, the learning-rate
+schedule, float32 camera geometry under autocast, sharpness and per-chunk camera following."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from biwm.core.camera import camera_rays, default_intrinsics, plucker_rays, pose_from_yaw_pitch
+from biwm.core.ema import ModelEMA
+from biwm.core.evaluation import sharpness
+from biwm.core.idm import idm_key
+from biwm.core.toyworld import ToyWorldConfig, render_clips
+
+
+def test_supersampling_is_the_box_filtered_finer_rendering():
+    fine = render_clips([3, 4], 3, ToyWorldConfig(height=32, width=32, supersample=1)).frames.float()
+    coarse = render_clips([3, 4], 3, ToyWorldConfig(height=16, width=16, supersample=2)).frames.float()
+    pooled = torch.nn.functional.avg_pool2d(fine.flatten(0, 1), 2).view_as(coarse)
+    # the same rays, averaged before (supersample) or after (here) rounding to uint8
+    assert (coarse - pooled).abs().max() <= 1.0
+    plain = render_clips([3, 4], 3, ToyWorldConfig(height=16, width=16, supersample=1)).frames.float()
+    assert (coarse - plain).abs().mean() > 1.0  # and it is not the aliased rendering
+
+
+def test_idm_key_of_plain_rendering_is_unchanged_by_the_supersample_field():
+    # the shipped IDMs were trained before the field existed: supersample 1 keeps their key
+    assert idm_key(ToyWorldConfig(supersample=1)) == "18ef39a081ef"
+    assert idm_key(ToyWorldConfig(supersample=4)) != idm_key(ToyWorldConfig(supersample=1))
+
+
+def test_ema_follows_the_model_with_the_warm_up_decay():
+    live = {"a": nn.Linear(3, 2)}
+    ema = ModelEMA(live, decay=0.9)
+    start = ema.shadow["a"].weight.clone()
+    with torch.no_grad():
+        live["a"].weight.add_(1.0)
+    ema.update(live, step=0)  # decay min(0.9, 1/10) = 0.1
+    expected = 0.1 * start + 0.9 * live["a"].weight
+    assert torch.allclose(ema.shadow["a"].weight, expected)
+    for step in range(1, 200):
+        ema.update(live, step)
+    assert torch.allclose(ema.shadow["a"].weight, live["a"].weight, atol=1e-6)
+    assert not any(p.requires_grad for p in ema.parameters())
+    with pytest.raises(ValueError, match="decay"):
+        ModelEMA(live, decay=1.0)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    from biwm.core.stages.finetune import FinetuneConfig
+
+    cfg = FinetuneConfig(steps=110, lr=1e-3, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert cfg.lr_at(0) == pytest.approx(1e-4)
+    assert cfg.lr_at(9) == pytest.approx(1e-3)
+    assert cfg.lr_at(60) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half way
+    assert cfg.lr_at(110) == pytest.approx(1e-4)
+    constant = FinetuneConfig(steps=110, lr=1e-3, warmup_steps=10)
+    assert constant.lr_at(100) == pytest.approx(1e-3)
+
+
+def test_camera_geometry_stays_float32_under_autocast():
+    c2w = pose_from_yaw_pitch(torch.tensor([0.3]), torch.tensor([0.1]))[:, None].expand(1, 2, 4, 4).clone()
+    c2w[..., :3, 3] = torch.tensor([0.5, -1.2, 0.7])
+    k = default_intrinsics(75.0, 1.0, 1)
+    plain = plucker_rays(c2w, k, 8, 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        _, dirs = camera_rays(c2w, k, 8, 8)
+        auto = plucker_rays(c2w, k, 8, 8)
+    assert dirs.dtype == torch.float32 and auto.dtype == torch.float32
+    assert torch.equal(plain, auto)
+
+
+def test_sharpness_is_one_for_the_truth_below_for_blur_above_for_noise():
+    g = torch.Generator().manual_seed(0)
+    truth = torch.rand(2, 4, 3, 16, 16, generator=g) * 2 - 1
+    assert sharpness(truth, truth) == pytest.approx(1.0)
+    blurred = torch.nn.functional.avg_pool2d(truth.flatten(0, 1), 3, 1, 1).view_as(truth)
+    assert sharpness(blurred, truth) < 0.5
+    noisy = (truth + 0.5 * torch.randn(truth.shape, generator=g)).clamp(-1, 1)
+    assert sharpness(noisy, truth) > 1.1
+    as_uint8 = ((truth + 1) * 127.5).round().to(torch.uint8)
+    assert sharpness(as_uint8, truth) == pytest.approx(1.0, abs=0.01)
+
+
+def test_camera_scores_per_chunk_and_last_five():
+    from biwm.core.camera import CameraTrack
+    from biwm.core.evaluation import camera_scores
+
+    class Fixed:
+        def __init__(self, labels):
+            self.labels = labels
+
+        def predict(self, frames):
+            return self.labels
+
+    b, chunks, per = 2, 6, 2
+    actions = torch.zeros(b, 1 + chunks * per, dtype=torch.long)
+    predicted = torch.zeros(b, chunks * per, dtype=torch.long)
+    predicted[:, :per] = 5  # the first chunk is wrong, the rest right
+    predicted[0, -1] = 7  # one frame wrong in the last chunk
+    c2w = torch.eye(4).expand(b, actions.shape[1], 4, 4).clone()
+    track = CameraTrack(c2w, default_intrinsics(75.0, 1.0, b), actions)
+    out = camera_scores(Fixed(predicted), torch.zeros(b, 1 + chunks * per, 3, 8, 8), track, 1, ToyWorldConfig(),
+                        frames_per_chunk=per)
+    assert out["accuracy_per_chunk"] == pytest.approx([0.0, 1, 1, 1, 1, 0.75])
+    assert out["accuracy_last5"] == pytest.approx((4 + 0.75) / 5)
+    assert out["accuracy"] == pytest.approx((chunks * per * b - per * b - 1) / (chunks * per * b))
