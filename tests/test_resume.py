@@ -49,7 +49,7 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path, monkeypatch):
     assert [p.name for p in (stage / "checkpoints").iterdir()] == ["step_00000002"]
 
     metrics = run(crashed, resume=True)
-    assert metrics["finetune_steps"] == 4
+    assert metrics["stages"]["finetune"]["finetune_steps"] == 4
     resumed = load_file(str(stage / "model.safetensors"))
     assert resumed.keys() == reference.keys()
     for key in reference:
@@ -80,7 +80,7 @@ def test_kill_and_resume_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     assert f"resumed finetune from step_{last:08d} (step {last})" in out.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["finetune_steps"] == last + 4
+    assert metrics["stages"]["finetune"]["finetune_steps"] == last + 4
     assert (tmp_path / "run" / "generate" / "trajectory_0.mp4").stat().st_size > 0
     # a second --resume skips every finished stage
     again = subprocess.run(biwm_cmd() + ["run", str(path), "--resume", "--set", "finetune.steps=" + str(last + 4)],

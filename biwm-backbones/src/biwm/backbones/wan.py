@@ -8,7 +8,6 @@ embeddings. Nothing of the model is copied.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from biwm.core.checkpoint import read_json_object
 from biwm.core.config import InputDir
 from biwm.core.protocols import BlockOutput
 
@@ -31,6 +31,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "transformer": dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=48,
                             out_channels=48, text_dim=32, freq_dim=64, ffn_dim=512, num_layers=4,
                             rope_max_seq_len=256),
+        "codec": {"kind": "pixel", "spatial_factor": 4},
+    },
+    "toy": {
+        # the toy lab's model: 4x4-pixel tokens (patch 1 on the 4x pixel codec), so a token carries 48 values in
+        # 256 dims and a sub-token camera move is a change of a few tokens, not of one token's 192 values
+        "transformer": dict(patch_size=(1, 1, 1), num_attention_heads=4, attention_head_dim=64, in_channels=48,
+                            out_channels=48, text_dim=32, freq_dim=64, ffn_dim=1024, num_layers=6,
+                            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=256),
         "codec": {"kind": "pixel", "spatial_factor": 4},
     },
     "wan2.1-t2v-1.3b": {
@@ -54,8 +62,9 @@ _SHAPE_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "in_ch
 class WanOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    preset: Literal["tiny", "wan2.1-t2v-1.3b", "wan2.2-ti2v-5b"] = Field(
-        "tiny", description="model size: tiny (CPU, random init, pixel codec) or a published Wan release")
+    preset: Literal["tiny", "toy", "wan2.1-t2v-1.3b", "wan2.2-ti2v-5b"] = Field(
+        "tiny", description="model size: tiny (tests: CPU, pixel codec), toy (the toy lab's model, pixel codec) or "
+                            "a published Wan release")
     weights: InputDir | None = Field(
         None, description="local diffusers-format directory (transformer/, vae/, text_encoder/, tokenizer/); "
                           "for tiny, a directory saved by `save_pretrained` of the transformer")
@@ -63,21 +72,54 @@ class WanOptions(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     gradient_checkpointing: bool = False
     overrides: dict[str, Any] = Field(default_factory=dict,
-                                      description="transformer config overrides (tiny preset only)")
+                                      description="transformer config overrides (pixel-codec presets only)")
 
     @model_validator(mode="after")
     def _check_weights(self) -> "WanOptions":
         """Catch a wrong or mismatched weights folder when the recipe is validated, not mid-run."""
-        if self.overrides and self.preset != "tiny":
-            raise ValueError("overrides: only the tiny preset may change its shape")
+        if self.overrides and PRESETS[self.preset]["codec"]["kind"] != "pixel":
+            raise ValueError("overrides: only the pixel-codec presets (tiny, toy) may change their shape")
         if self.weights is not None:
             tdir = _transformer_dir(Path(self.weights))
             expected = {**PRESETS[self.preset]["transformer"], **self.overrides}
-            _check_shape(json.loads((tdir / "config.json").read_text()), expected, self.preset, tdir)
-        elif self.preset != "tiny" and not self.random_init:
+            config = read_json_object(tdir / "config.json", "a diffusers model config")
+            _check_shape(config, expected, self.preset, tdir)
+            problems = [p for p in [_weights_file_problem(tdir)] if p]
+            missing = self.missing_parts()
+            if missing and not self.random_init:
+                problems.append(
+                    f"{self.weights} has no {', '.join(f'{m}/' for m in missing)}: preset {self.preset!r} would run "
+                    f"with a random {' and a random '.join(_PART_NAMES[m] for m in missing)}; add "
+                    f"{'them' if len(missing) > 1 else 'it'} from the release, or set random_init: true for "
+                    "speed/memory runs")
+            if PRESETS[self.preset]["codec"]["kind"] != "pixel" and "vae" not in missing:
+                problems += [p for p in [_weights_file_problem(Path(self.weights) / "vae")] if p]
+            if problems:
+                raise WanConfigError("; ".join(problems))
+        elif PRESETS[self.preset]["codec"]["kind"] != "pixel" and not self.random_init:
             raise ValueError(f"weights: preset {self.preset!r} needs a local diffusers-format directory "
                              "(or random_init: true for speed/memory runs)")
         return self
+
+    def missing_parts(self) -> list[str]:
+        """Sub-folders a real (VAE) preset needs beside the transformer that ``weights`` lacks:
+        ``vae``, ``text_encoder``, ``tokenizer`` (all of them without ``weights``)."""
+        if PRESETS[self.preset]["codec"]["kind"] == "pixel":
+            return []
+        if self.weights is None:
+            return list(_PART_NAMES)
+        root = Path(self.weights)
+        return [part for part in _PART_NAMES if not ((root / part / "config.json").is_file() if part == "vae"
+                                                     else (root / part).is_dir() and any((root / part).iterdir()))]
+
+    def frame_geometry(self) -> tuple[int, int]:
+        """(video frames per latent frame, the number frame height and width must be multiples of:
+        the codec's spatial factor times the patch size)."""
+        codec = PRESETS[self.preset]["codec"]
+        patch = tuple({**PRESETS[self.preset]["transformer"], **self.overrides}["patch_size"])
+        if codec["kind"] == "pixel":
+            return 1, codec["spatial_factor"] * max(patch[1:])
+        return codec["vae"]["scale_factor_temporal"], codec["vae"]["scale_factor_spatial"] * max(patch[1:])
 
 
 class WanConfigError(ValueError):
@@ -93,6 +135,19 @@ def _transformer_dir(weights: Path) -> Path:
             return candidate
     raise WanConfigError(f"{weights} has no transformer/config.json or "
                          "config.json (expected a diffusers-format Wan directory)")
+
+
+_PART_NAMES = {"vae": "VAE", "text_encoder": "text encoder (a byte stand-in)", "tokenizer": "tokenizer"}
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+
+
+def _weights_file_problem(folder: Path) -> str | None:
+    """Why a diffusers model folder cannot load (no safetensors weights, single or sharded), or None."""
+    if any((folder / name).is_file() for name in _WEIGHT_FILES):
+        return None
+    others = sorted(p.name for p in folder.glob("diffusion_pytorch_model*"))
+    return (f"{folder} has config.json but no weights file ({' or '.join(_WEIGHT_FILES)})"
+            + (f"; found {', '.join(others)}, but only safetensors weights are loaded" if others else ""))
 
 
 def _check_shape(config: dict[str, Any], expected: dict[str, Any], preset: str, where: Path) -> None:
@@ -222,6 +277,8 @@ class UMT5TextEncoder(nn.Module):
 
 class WanBackbone(nn.Module):
     """The Backbone protocol over a diffusers WanTransformer3DModel."""
+
+    random_parts: list[str] = []  # parts of a real preset built with random weights (random_init: true)
 
     def __init__(self, transformer: nn.Module, codec: nn.Module, text_encoder: nn.Module, preset: str):
         super().__init__()
@@ -378,4 +435,8 @@ def build_wan(options: WanOptions, **_: Any) -> WanBackbone:
             text_encoder = UMT5TextEncoder(weights)
         else:  # random-weight runs: a stand-in of the right width; text is encoded once per prompt anyway
             text_encoder = ByteTextEncoder(transformer.config.text_dim, max_length=512)
-    return WanBackbone(transformer, codec, text_encoder, options.preset)
+    backbone = WanBackbone(transformer, codec, text_encoder, options.preset)
+    if codec_cfg["kind"] != "pixel":  # printed by the runner: random parts only come with random_init
+        backbone.random_parts = (["transformer"] if options.weights is None else []) + [
+            _PART_NAMES[p] for p in options.missing_parts() if p != "tokenizer"]
+    return backbone

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import warnings
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="BiWM: interactive video world models from bidirectional video diffusion backbones.",
@@ -22,8 +25,12 @@ err_console = Console(stderr=True)
 EXIT_USAGE = 2
 
 
+class LogWith(str, Enum):
+    tensorboard = "tensorboard"
+
+
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_USAGE)
 
 
@@ -43,15 +50,19 @@ def list_plugins(as_json: bool = typer.Option(False, "--json", help="machine-rea
             rows.append({"kind": "-", "name": status.name, "distribution": status.distribution,
                          "version": status.version, "description": status.error, "status": status.status,
                          "plugin": status.name})
+    for kind, name, status in pm.disabled_items():
+        rows.append({"kind": kind, "name": name, "distribution": status.distribution, "version": status.version,
+                     "description": "blocked by BIWM_DISABLE_PLUGINS", "status": "disabled", "plugin": status.name})
     if as_json:
         print(json.dumps(rows, indent=2))
         return
+    _warn_broken(broken=False)
     table = Table(title="BiWM plugins")
-    for column in ("kind", "name", "distribution", "version", "status", "description"):
+    for column in ("kind", "name", "plugin", "distribution", "version", "status", "description"):
         table.add_column(column, overflow="fold")
     for r in rows:
         style = {"ok": "green", "broken": "red", "disabled": "yellow"}[r["status"]]
-        table.add_row(r["kind"], r["name"], r["distribution"], r["version"], f"[{style}]{r['status']}[/]",
+        table.add_row(r["kind"], r["name"], r["plugin"], r["distribution"], r["version"], f"[{style}]{r['status']}[/]",
                       r["description"])
     console.print(table)
 
@@ -59,6 +70,7 @@ def list_plugins(as_json: bool = typer.Option(False, "--json", help="machine-rea
 def _load(recipe: Path, overrides: list[str]):
     from biwm.core.recipe import load_recipe
 
+    _warn_broken()  # before the recipe's errors, which a broken or disabled plugin may explain
     with _recipe_errors():
         return load_recipe(recipe, overrides)
 
@@ -72,44 +84,71 @@ def _recipe_errors():
         yield
     except RecipeError as exc:
         for line in str(exc).splitlines():
-            err_console.print(f"[bold red]error:[/] {line}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USAGE) from None
 
 
-def _warn_broken() -> None:
-    from biwm.core.plugins import get_plugin_manager
+def _warn_broken(broken: bool = True) -> None:
+    """Warn about broken plugins and about names in BIWM_DISABLE_PLUGINS that match nothing."""
+    from biwm.core.plugins import DISABLE_ENV, get_plugin_manager
 
-    for status in get_plugin_manager().statuses():
+    pm = get_plugin_manager()
+    for status in pm.statuses() if broken else []:
         if status.status == "broken":
             err_console.print(f"[yellow]warning:[/] plugin {status.name!r} ({status.distribution}) is broken and was "
-                              f"skipped: {status.error}", highlight=False)
+                              f"skipped: {escape(status.error)}", highlight=False, soft_wrap=True)
+    for name in pm.unknown_disabled():
+        err_console.print(f"[yellow]warning:[/] {DISABLE_ENV}: {name!r} is neither a plugin module nor a plugin; "
+                          "see biwm list-plugins (columns plugin and name)", highlight=False, soft_wrap=True)
+
+
+SET_OPTION = dict(metavar="KEY=VALUE", help="override a field: key=value (repeatable)")
 
 
 @app.command()
 def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
-             set_: list[str] = typer.Option([], "--set", help="override a field: key=value (repeatable)")) -> None:
+             set_: list[str] = typer.Option([], "--set", **SET_OPTION)) -> None:
     """Check a recipe without running it."""
     r = _load(recipe, set_)
-    _warn_broken()
     console.print(f"[green]✓[/] {recipe}: valid ({len(r.stages)} stages: {', '.join(r.stage_names())}; "
                   f"backbone {r.model.backbone.name}, controls {[c.name for c in r.model.controls]}, "
                   f"compressor {r.model.compressor.name}; run_dir {r.run_dir})")
 
 
+@contextmanager
+def _run_errors():
+    """A run that cannot start or go on (folder in use, nothing to resume, diverged, damaged file):
+    one line, exit code 2."""
+    from biwm.core.runner import RunError
+
+    try:
+        yield
+    except RunError as exc:
+        _fail(str(exc))
+
+
 @app.command()
 def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
-        set_: list[str] = typer.Option([], "--set", help="override a field: key=value (repeatable)"),
-        resume: bool = typer.Option(False, "--resume", help="skip finished stages, continue from the last checkpoint")) -> None:
+        set_: list[str] = typer.Option([], "--set", **SET_OPTION),
+        resume: bool = typer.Option(False, "--resume", metavar="",
+                                    help="skip finished stages, continue from the last checkpoint"),
+        force: bool = typer.Option(False, "--force", metavar="",
+                                   help="replace the run already in run_dir (with --resume: re-run finished stages "
+                                        "whose settings changed)"),
+        log_with: LogWith = typer.Option(None, "--log-with", help="also log to this tracker, under run_dir/logs")
+        ) -> None:
     """Run a recipe's stages in order."""
     from biwm.core.runner import run_recipe
 
     r = _load(recipe, set_)
-    _warn_broken()
-    metrics = run_recipe(r, resume=resume, console=console)
+    with _run_errors():
+        metrics = run_recipe(r, resume=resume, console=console, force=force,
+                             log_with=log_with.value if log_with else None)
     console.print(f"[green]✓[/] done: {Path(r.run_dir) / 'metrics.json'}")
-    shown = {k: v for k, v in metrics.items() if k.startswith("psnr") and not isinstance(v, list)}
-    if shown:
-        console.print(", ".join(f"{k}={v:.2f}" for k, v in shown.items()))
+    for name, stage_metrics in metrics.get("stages", {}).items():
+        shown = {k: v for k, v in stage_metrics.items() if k.startswith("psnr") and isinstance(v, (int, float))}
+        if shown:
+            console.print(f"{name}: " + ", ".join(f"{k}={v:.2f}" for k, v in shown.items()), highlight=False)
 
 
 def _find_run(target: Path) -> tuple[Path, Path]:
@@ -123,24 +162,24 @@ def _find_run(target: Path) -> tuple[Path, Path]:
 
 @app.command("eval")
 def eval_(target: Path = typer.Argument(..., help="run folder, stage folder, checkpoint folder or model.safetensors"),
-          set_: list[str] = typer.Option([], "--set", help="override a field of the run's recipe, e.g. "
-                                         "evaluate.chunks=20 or model.attention=causal (repeatable)"),
+          set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a field of the run's "
+                                         "recipe, e.g. evaluate.chunks=20 or model.attention=causal (repeatable)"),
           out: Path = typer.Option(None, "--out", help="output folder (default: RUN_DIR/eval)")) -> None:
     """Score a trained model on the toy world: metrics.json, report.md and PNG plots."""
     from biwm.core.checkpoint import atomic_write_text
     from biwm.core.recipe import apply_overrides, validate_recipe
-    from biwm.core.runner import RunContext, evaluation_recipe_data
-    from biwm.core.stages.evaluate import run as run_evaluate
+    from biwm.core.runner import RunContext, evaluation_recipe_data, run_stage
 
     run_dir, weights = _find_run(target)
-    data = evaluation_recipe_data(run_dir, weights)
     with _recipe_errors():
+        data = evaluation_recipe_data(run_dir, weights)
         recipe = validate_recipe(apply_overrides(data, set_), base_dir=run_dir, source=str(run_dir / "recipe.yaml"))
     _warn_broken()
     out = out or run_dir / "eval"
     console.print(f"evaluating {weights} ({recipe.model.attention} attention) -> {out}")
     ctx = RunContext(recipe=recipe, run_dir=run_dir, console=console)
-    metrics = run_evaluate(ctx, recipe.stages[0], out)
+    with _run_errors():
+        metrics = run_stage(ctx, recipe.stages[0], "evaluate", out)
     metrics["weights"] = str(weights)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     console.print(f"[green]✓[/] wrote {out / 'metrics.json'}, {out / 'report.md'}")
@@ -224,19 +263,26 @@ def data_toyworld(out: Path = typer.Option(..., "--out", help="output folder"),
                   frames: int = typer.Option(16, min=1, help="frames per clip"),
                   split: str = typer.Option("train", help="train or heldout (disjoint seed ranges)"),
                   seed_start: int = typer.Option(0, min=0, help="first seed index within the split"),
-                  height: int = typer.Option(64, min=8), width: int = typer.Option(64, min=8)) -> None:
+                  height: int = typer.Option(None, min=8, help="default: the toy world's, as recipes and the "
+                                                               "shipped IDM use it"),
+                  width: int = typer.Option(None, min=8, help="default: the toy world's")) -> None:
     """Render toy-world clips to OUT/clips.safetensors (+ config.json, preview.png)."""
     from biwm.core.toyworld import ToyWorldConfig, write_dataset
 
     if split not in ("train", "heldout"):
         _fail(f"--split: {split!r} is not allowed; allowed: train, heldout")
-    config = ToyWorldConfig(height=height, width=width)
+    config = ToyWorldConfig(**{k: v for k, v in (("height", height), ("width", width)) if v is not None})
     with console.status(f"rendering {clips} clips x {frames} frames"):
         path = write_dataset(out, split, clips, frames, config, seed_start=seed_start)
     console.print(f"[green]✓[/] wrote {path}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
+    warnings.showwarning = _show_warning  # one line each, not the source line that warned
     app()
 
 

@@ -96,10 +96,12 @@ def sample_timestep(batch: int, shift: float, t_min: float, t_max: float, genera
 
 
 def dmd_direction(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
-    """(x̂0_fake - x̂0_real) / mean|x - x̂0_real|, per sample; non-finite values become 0."""
+    """(x̂0_fake - x̂0_real) / mean|x - x̂0_real|, per sample. The scale is floored (x equal to
+    x̂0_real gives a zero direction, not 0/0), and NaN or inf in the predictions stay NaN or inf,
+    so a diverged teacher or critic fails the stage's loss check instead of training on zeros."""
     dims = tuple(range(1, x.dim()))
-    scale = (x - x0_real).abs().mean(dim=dims, keepdim=True)
-    return torch.nan_to_num((x0_fake - x0_real) / scale)
+    scale = (x - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return (x0_fake - x0_real) / scale
 
 
 def dmd_loss(chunk: RolledChunk, teacher: WorldModel, critic: WorldModel, null_text: Tensor, cfg_scale: float,

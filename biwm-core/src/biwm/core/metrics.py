@@ -107,7 +107,13 @@ def pose_errors(pred_c2w: Tensor, target_c2w: Tensor) -> tuple[Tensor, Tensor]:
     return angle, distance
 
 
-def finite_mean(values: Tensor) -> float:
-    """Mean that skips infinities (PSNR of identical frames) rather than returning inf."""
+def finite_mean(values: Tensor, what: str = "score") -> float:
+    """Mean that skips +inf (the PSNR of identical frames) rather than returning inf; +inf when
+    every value is (all identical). NaN or -inf come only from non-finite frames (NaN or inf
+    pixels): FloatingPointError, never a score."""
+    bad = torch.isnan(values) | torch.isneginf(values)
+    if bool(bad.any()):
+        raise FloatingPointError(f"{what}: {int(bad.sum())} of {values.numel()} values are NaN or -inf, so the "
+                                 "frames scored hold NaN or inf (a diverged model or sampler setting)")
     finite = values[torch.isfinite(values)]
     return float(finite.mean()) if finite.numel() else math.inf

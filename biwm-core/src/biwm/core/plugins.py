@@ -2,13 +2,19 @@
 
 Entry points in group ``biwm`` are loaded lazily, once, on the first registry lookup; then
 core's built-in module is registered the same way (it is just another hookimpl module). A
-plugin that fails to import, or whose registration hook raises, is recorded as broken and the
-rest keep working. ``BIWM_DISABLE_PLUGINS=a,b`` blocks plugins by entry-point name.
+plugin that fails to import, or whose registration hook raises (a factory that cannot be called
+as the protocols say, a compressor that is not an ``nn.Module``), is recorded as broken and the
+rest keep working. ``BIWM_DISABLE_PLUGINS=a,b`` blocks plugin modules by entry-point name
+(``compressors``) and single plugins by name (``framepack``); a name that is neither is warned about.
+
+Every options model is registered as a subclass that forbids unknown fields and out-of-range
+numbers (:func:`biwm.core.config.range_checked`), whatever the plugin declared.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -19,6 +25,7 @@ import pluggy
 from pydantic import BaseModel, ConfigDict
 
 from biwm.core import hookspecs
+from biwm.core.config import range_checked
 
 KINDS: dict[str, str] = {
     "backbone": "register_backbones",
@@ -28,6 +35,8 @@ KINDS: dict[str, str] = {
     "quantizer": "register_quantizers",
 }
 BUILTIN_MODULES = {"core": "biwm.core.builtins"}
+# Kinds whose factories are called as factory(options, backbone=...); the others as factory(options).
+WITH_BACKBONE = ("control", "compressor", "loss")
 DISABLE_ENV = "BIWM_DISABLE_PLUGINS"
 
 
@@ -53,7 +62,36 @@ class PluginSpec:
     def create(self, options: dict[str, Any] | BaseModel | None = None, **context: Any) -> Any:
         if not isinstance(options, BaseModel):
             options = self.options.model_validate(options or {})
-        return self.factory(options, **context)
+        made = self.factory(options, **context)
+        if self.kind == "compressor":
+            _require_module(self.name, type(made), self.plugin)
+        return made
+
+
+def _require_module(name: str, made: type, plugin: str) -> None:
+    from torch import nn
+
+    if not issubclass(made, nn.Module):
+        raise TypeError(f"compressor {name!r} of plugin {plugin!r} is a {made.__name__}, not a torch.nn.Module; "
+                        "a compressor must be one (its parameters train and save with the model)")
+
+
+def _check_factory(kind: str, name: str, factory: Callable[..., Any], plugin: str) -> None:
+    """The factory must take what the registry passes: (options) or (options, backbone=...)."""
+    if not callable(factory):
+        raise TypeError(f"{kind} {name!r}: factory {factory!r} is not callable")
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: nothing to check here
+    try:
+        signature.bind(None, **({"backbone": None} if kind in WITH_BACKBONE else {}))
+    except TypeError as exc:
+        call = "factory(options, backbone=...)" if kind in WITH_BACKBONE else "factory(options)"
+        raise TypeError(f"{kind} {name!r}: {getattr(factory, '__name__', factory)}{signature} cannot be called as "
+                        f"{call} ({exc})") from None
+    if kind == "compressor" and isinstance(factory, type):
+        _require_module(name, factory, plugin)
 
 
 @dataclass
@@ -97,9 +135,25 @@ class PluginManager:
         self._loaded = False
         self._statuses: dict[str, PluginStatus] = {}
         self._registries: dict[str, dict[str, PluginSpec]] | None = None
+        self._disabled_items: list[tuple[str, str, PluginStatus]] = []  # (kind, name, module) blocked by name
 
     def _disabled(self) -> set[str]:
         return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+
+    def disabled_names(self) -> set[str]:
+        """Names in BIWM_DISABLE_PLUGINS."""
+        return self._disabled()
+
+    def unknown_disabled(self) -> list[str]:
+        """Names in BIWM_DISABLE_PLUGINS that are neither a plugin module nor a plugin."""
+        self.statuses()
+        known = set(self._statuses) | {name for _, name, _ in self._disabled_items}
+        return sorted(self._disabled() - known)
+
+    def disabled_items(self) -> list[tuple[str, str, PluginStatus]]:
+        """(kind, name, providing module) of single plugins blocked by name."""
+        self.statuses()
+        return list(self._disabled_items)
 
     def load(self) -> None:
         """Import entry points and built-ins once; idempotent."""
@@ -134,6 +188,7 @@ class PluginManager:
     def _build_registries(self) -> dict[str, dict[str, PluginSpec]]:
         self.load()
         registries: dict[str, dict[str, PluginSpec]] = {kind: {} for kind in KINDS}
+        disabled = self._disabled()
         for kind, hook_name in KINDS.items():
             for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
                 status = self._statuses[impl.plugin_name]
@@ -143,7 +198,13 @@ class PluginManager:
                     if name in registries[_kind]:
                         other = registries[_kind][name].plugin
                         raise ValueError(f"{_kind} {name!r} is registered by both {other!r} and {_status.name!r}")
-                    registries[_kind][name] = PluginSpec(_kind, name, factory, options, description,
+                    if not (isinstance(options, type) and issubclass(options, BaseModel)):
+                        raise TypeError(f"{_kind} {name!r}: options must be a pydantic BaseModel class, got {options!r}")
+                    _check_factory(_kind, name, factory, _status.name)
+                    if name in disabled:
+                        self._disabled_items.append((_kind, name, _status))
+                        return
+                    registries[_kind][name] = PluginSpec(_kind, name, factory, range_checked(options), description,
                                                          _status.name, _status.distribution, _status.version)
                     _status.provides.append((_kind, name))
 

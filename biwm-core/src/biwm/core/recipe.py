@@ -8,16 +8,23 @@ resolve against the recipe file's folder; ``run_dir`` resolves against the worki
 from __future__ import annotations
 
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator
 
-from biwm.core.config import PluginRef, Strict, _base_dir
+from biwm.core.config import PluginRef, Strict, _base_dir, show
 from biwm.core.plugins import PluginManager, UnknownPluginError, get_plugin_manager
 from biwm.core.stages import STAGE_CONFIGS
 from biwm.core.toyworld import ToyWorldConfig
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything larger is not one
+MAX_DEPTH = 64  # nesting levels of a recipe (ten are plenty)
+MAX_ERRORS = 20  # problems listed before "... and N more"
+
 
 class ModelConfig(Strict):
     backbone: PluginRef
@@ -26,19 +33,6 @@ class ModelConfig(Strict):
     attention: Literal["bidirectional", "causal"] = Field(
         "bidirectional", description="window attention; causal (history blind to the chunk, frames causal "
                                      "within it) exists as the baseline BiWM is measured against")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _names_as_strings(cls, data: Any) -> Any:
-        """Allow ``controls: [actions, plucker]`` and ``compressor: none`` shorthands."""
-        if isinstance(data, dict):
-            data = dict(data)
-            for key in ("backbone", "compressor"):
-                if isinstance(data.get(key), str):
-                    data[key] = {"name": data[key]}
-            if isinstance(data.get("controls"), list):
-                data["controls"] = [{"name": c} if isinstance(c, str) else c for c in data["controls"]]
-        return data
 
 
 class ToyWorldData(Strict):
@@ -56,12 +50,23 @@ StageConfig = Annotated[Union[tuple(STAGE_CONFIGS.values())], Field(discriminato
 class Recipe(Strict):
     name: str = "run"
     run_dir: Path = Path("runs/run")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
     data: ToyWorldData = Field(default_factory=ToyWorldData)
     model: ModelConfig
     stages: list[StageConfig] = Field(min_length=1)
-    # Filled after validation: the resolved plugin options, keyed like the recipe.
-    resolved: dict[str, Any] = Field(default_factory=dict, exclude=True)
+    # Filled by validate_recipe: the resolved plugin options, keyed like the recipe (not a recipe field).
+    _resolved: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @field_validator("run_dir", mode="before")
+    @classmethod
+    def _run_dir_named(cls, value: Any) -> Any:
+        if isinstance(value, (str, Path)) and not str(value).strip():
+            raise ValueError("run_dir is empty; name the folder the run writes to")
+        return value
+
+    @property
+    def resolved(self) -> dict[str, Any]:
+        return self._resolved
 
     def stage_names(self) -> list[str]:
         return [s.stage for s in self.stages]
@@ -89,7 +94,10 @@ class RecipeError(Exception):
 
     def __init__(self, errors: list[FieldError], source: str = "recipe"):
         self.errors, self.source = errors, source
-        super().__init__("\n".join(f"{source}: {e}" for e in errors))
+        shown = [f"{source}: {e}" for e in errors[:MAX_ERRORS]]
+        if len(errors) > MAX_ERRORS:
+            shown.append(f"{source}: ... and {len(errors) - MAX_ERRORS} more problems")
+        super().__init__("\n".join(shown))
 
 
 def _loc(parts: tuple[Any, ...]) -> str:
@@ -98,15 +106,45 @@ def _loc(parts: tuple[Any, ...]) -> str:
         if isinstance(p, int):
             out += f"[{p}]"
         else:
-            out += ("." if out else "") + str(p)
+            out += ("." if out else "") + (p if isinstance(p, str) and len(p) <= 60 else show(p))
     return out
 
 
+def describe(annotation: Any) -> str:
+    """A field's type in words: ``int``, ``float or null``, ``one of 'a', 'b'``, ``list of str``."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return describe(args[0])
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(describe(a) for a in args)
+    if origin in (list, tuple):
+        items = [a for a in args if a is not Ellipsis]
+        if origin is tuple and len(items) == len(args):
+            return f"a list of {len(items)} ({', '.join(describe(a) for a in items)})"
+        return f"a list of {describe(items[0])}" if items else "a list"
+    if origin is dict or annotation is dict:
+        return "a mapping"
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and issubclass(annotation, Path):
+        return "a path"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "a mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+_BOUNDS = {"Ge": ">=", "Gt": ">", "Le": "<=", "Lt": "<"}
+
+
 def _expected(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
-    """The annotation of the field an error points at, so type errors say what is allowed."""
+    """What the field an error points at allows, so type errors say it: ``; expected int >= 1``."""
     field = None
     current: Any = model
     for part in loc:
+        if isinstance(part, int):
+            continue
         fields = getattr(current, "model_fields", None)
         if fields is None or part not in fields:
             return ""
@@ -114,10 +152,9 @@ def _expected(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
         current = field.annotation
     if field is None:
         return ""
-    ann = field.annotation
-    text = getattr(ann, "__name__", None) or str(ann).replace("typing.", "").replace("pathlib.", "")
-    constraints = [str(m) for m in field.metadata if type(m).__name__ in ("Ge", "Gt", "Le", "Lt")]
-    return f"; expected {text}" + (f" ({', '.join(constraints)})" if constraints else "")
+    bounds = [f"{_BOUNDS[type(m).__name__]} {getattr(m, type(m).__name__.lower())}" for m in field.metadata
+              if type(m).__name__ in _BOUNDS]
+    return f"; expected {describe(field.annotation)}" + (f" {', '.join(bounds)}" if bounds else "")
 
 
 def _pydantic_errors(exc: ValidationError, prefix: tuple[Any, ...], model: type[BaseModel]) -> list[FieldError]:
@@ -128,15 +165,15 @@ def _pydantic_errors(exc: ValidationError, prefix: tuple[Any, ...], model: type[
         if prefix == () and len(raw) > 2 and raw[0] == "stages" and raw[2] in STAGE_CONFIGS:
             loc = raw[:2] + raw[3:]  # drop the discriminator tag pydantic puts in the location
             where_model, sub = STAGE_CONFIGS[raw[2]], raw[3:]
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             parent_fields = _fields_at(where_model, sub[:-1])
-            msg = f"unknown field {loc[-1]!r}" + (f"; allowed: {', '.join(parent_fields)}" if parent_fields else "")
+            msg = f"unknown field {show(loc[-1])}" + (f"; allowed: {', '.join(parent_fields)}" if parent_fields else "")
         elif err["type"] == "union_tag_invalid":
-            msg = f"unknown stage {err['input'].get('stage') if isinstance(err['input'], dict) else err['input']!r}; allowed: {', '.join(STAGE_CONFIGS)}"
-        else:
-            if "input" in err and not isinstance(err["input"], dict):
-                msg = f"{msg} (got {err['input']!r}){_expected(where_model, sub)}"
+            tag = err["input"].get("stage") if isinstance(err["input"], dict) else err["input"]
+            msg = f"unknown stage {show(tag)}; allowed: {', '.join(STAGE_CONFIGS)}"
+        elif "input" in err and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {show(err['input'])}){_expected(where_model, sub)}"
         out.append(FieldError(_loc(prefix + loc), msg))
     return out
 
@@ -155,6 +192,18 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return []
 
 
+def _unknown_plugin(kind: str, exc: UnknownPluginError, pm: PluginManager) -> str:
+    """The unknown-plugin message, with why a plugin that might provide it is missing."""
+    text = f"unknown {kind} {show(exc.name)}; allowed: {', '.join(exc.allowed) or '(none installed)'}"
+    if exc.name in pm.disabled_names():
+        text += f"; {exc.name!r} is disabled by BIWM_DISABLE_PLUGINS"
+    broken = [s for s in pm.statuses() if s.status == "broken"]
+    if broken:
+        text += "; plugins that failed to load: " + "; ".join(
+            f"{s.name} ({s.distribution} {s.version}): {s.error}" for s in broken)
+    return text
+
+
 def _check_plugins(model: ModelConfig, stages: list[Any], pm: PluginManager,
                    resolved: dict[str, Any]) -> list[FieldError]:
     """Look up every plugin reference and validate its options; fills ``resolved``."""
@@ -164,10 +213,11 @@ def _check_plugins(model: ModelConfig, stages: list[Any], pm: PluginManager,
     refs += [("control", f"model.controls[{i}]", ref) for i, ref in enumerate(model.controls)]
     for stage_index, stage in enumerate(stages):
         losses = stage.get("losses") if isinstance(stage, dict) else getattr(stage, "losses", None)
-        for i, ref in enumerate(losses or []):
+        if not isinstance(losses, list):
+            continue  # not a list: reported by the schema pass
+        for i, ref in enumerate(losses):
             try:
-                ref = ref if isinstance(ref, PluginRef) else PluginRef.model_validate(
-                    {"name": ref} if isinstance(ref, str) else ref)
+                ref = ref if isinstance(ref, PluginRef) else PluginRef.model_validate(ref)
             except ValidationError:
                 continue  # reported by the schema pass
             refs.append(("loss", f"stages[{stage_index}].losses[{i}]", ref))
@@ -176,8 +226,7 @@ def _check_plugins(model: ModelConfig, stages: list[Any], pm: PluginManager,
         try:
             spec = pm.get(kind, ref.name)
         except UnknownPluginError as exc:
-            errors.append(FieldError(f"{where}.name", f"unknown {kind} {ref.name!r}; allowed: "
-                                     f"{', '.join(exc.allowed) or '(none installed)'}"))
+            errors.append(FieldError(f"{where}.name", _unknown_plugin(kind, exc, pm)))
             continue
         if kind == "control":
             if ref.name in seen_controls:
@@ -190,49 +239,178 @@ def _check_plugins(model: ModelConfig, stages: list[Any], pm: PluginManager,
     return errors
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """``a.b=c`` / ``stages[0].steps=5`` / ``finetune.steps=5`` (a stage by name); values parse as YAML."""
+def _geometry_errors(recipe: "Recipe") -> list[FieldError]:
+    """Frame sizes the backbone's codec and patch size cannot take (its options' ``frame_geometry()``)."""
+    options = recipe.resolved.get("model.backbone")
+    geometry = getattr(options, "frame_geometry", None)
+    if geometry is None:
+        return []
+    multiple = geometry()[1]
+    toy = recipe.data.toyworld
+    return [FieldError(f"data.toyworld.{side}", f"{value} is not a multiple of {multiple}, which backbone "
+                       f"{recipe.model.backbone.name} needs (codec factor x patch size); try "
+                       f"{max(multiple, round(value / multiple) * multiple)}")
+            for side, value in (("height", toy.height), ("width", toy.width)) if value % multiple]
+
+
+def _model_file_errors(recipe: "Recipe") -> list[FieldError]:
+    """Every model file a stage names (``init``, ``idm``) must be a readable safetensors file; a
+    distilled model's metadata must hold what sampling needs."""
+    from biwm.core.checkpoint import CorruptFileError
+    from biwm.core.stages.common import model_metadata
+
+    errors = []
+    for i, stage in enumerate(recipe.stages):
+        for name in ("init", "idm"):
+            path = getattr(stage, name, None)
+            if path is None:
+                continue
+            try:
+                model_metadata(path)
+            except CorruptFileError as exc:
+                errors.append(FieldError(f"stages[{i}].{name}", str(exc)))
+    return errors
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` without aliases (a 2 KB alias bomb expands to gigabytes, and the errors
+    that echo it with it) and with bounded nesting."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a recipe; write the "
+                                              "value out", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> data, as recipes and ``--set`` values are read; ValueError with a one-line reason."""
+    loader = None
+    try:
+        loader = _RecipeLoader(text)  # its reader already rejects control characters
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"invalid YAML{where}: {exc.problem or exc.context}") from None
+    except yaml.reader.ReaderError as exc:
+        raise ValueError(f"invalid YAML: character #x{exc.character:04x} at position {exc.position} is not "
+                         "allowed") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"invalid YAML: {' '.join(str(exc).split())}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of more than 4300 digits
+        raise ValueError(f"invalid YAML: {' '.join(str(exc).split())[:200]}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+_KEY = re.compile(r"[A-Za-z_][\w-]*(?:\.[A-Za-z_][\w-]*|\.\d{1,6}|\[\d{1,6}\])*")
+
+
+def _key_parts(key: str) -> list[str | int]:
+    """``a.b[0].c`` (or ``a.b.0.c``) -> ["a", "b", 0, "c"]; ValueError unless it is such a path."""
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"{show(key)} is not a field path like model.controls[0].options.x or finetune.steps")
+    return [int(p) if p.isdigit() else p for p in re.findall(r"[A-Za-z_][\w-]*|\d+", key)]
+
+
+def expand_shorthands(data: dict[str, Any]) -> dict[str, Any]:
+    """Plugin references written as bare names (``controls: [actions]``, ``compressor: none``,
+    ``losses: [dmd]``) as mappings, so ``--set`` can reach their options."""
+    model = data.get("model")
+    if isinstance(model, dict):
+        for key in ("backbone", "compressor"):
+            if isinstance(model.get(key), str):
+                model[key] = {"name": model[key]}
+        if isinstance(model.get("controls"), list):
+            model["controls"] = [{"name": c} if isinstance(c, str) else c for c in model["controls"]]
+    for stage in data.get("stages") or [] if isinstance(data.get("stages"), list) else []:
+        if isinstance(stage, dict) and isinstance(stage.get("losses"), list):
+            stage["losses"] = [{"name": c} if isinstance(c, str) else c for c in stage["losses"]]
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "recipe") -> dict[str, Any]:
+    """``a.b=c`` / ``stages[0].steps=5`` / ``finetune.steps=5`` (a stage by name); values parse as
+    YAML. Every problem is a RecipeError naming the ``--set`` key."""
+    expand_shorthands(data)
     for item in overrides:
-        if "=" not in item:
-            raise RecipeError([FieldError("--set", f"expected key=value, got {item!r}")])
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        parts: list[Any] = [int(p) if p.isdigit() else p for p in re.split(r"\.|\[|\]", key.strip()) if p]
-        if parts and isinstance(parts[0], str) and parts[0] in STAGE_CONFIGS:
-            names = [s.get("stage") for s in data.get("stages", []) if isinstance(s, dict)]
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        where = f"--set {show(key) if len(key) > 60 else key}"
+
+        def fail(message: str) -> RecipeError:
+            return RecipeError([FieldError(where, message)], source=source)
+
+        if not sep or not key:
+            raise RecipeError([FieldError("--set", f"expected key=value, got {show(item)}")], source=source)
+        try:
+            value = parse_yaml(raw) if raw.strip() else ""
+            parts = _key_parts(key)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
+        if isinstance(parts[0], str) and parts[0] in STAGE_CONFIGS:
+            stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+            names = [s.get("stage") for s in stages if isinstance(s, dict)]
             if parts[0] not in names:
-                raise RecipeError([FieldError(f"--set {key}", f"the recipe has no {parts[0]!r} stage; "
-                                              f"stages: {', '.join(map(str, names))}")])
+                raise fail(f"the recipe has no {parts[0]!r} stage; stages: {', '.join(map(str, names)) or 'none'}")
             parts = ["stages", names.index(parts[0])] + parts[1:]
         node: Any = data
-        for i, part in enumerate(parts[:-1]):
-            nxt = parts[i + 1]
+        for i, part in enumerate(parts):
+            path = _loc(tuple(parts[:i])) or "the recipe"
+            last = i == len(parts) - 1
             if isinstance(node, list):
                 if not isinstance(part, int) or part >= len(node):
-                    raise RecipeError([FieldError(f"--set {key}", f"no list item {part!r}")])
-                node = node[part]
+                    raise fail(f"{path} is a list of {len(node)}; no item {show(part)}")
+            elif isinstance(node, dict):
+                if isinstance(part, int):
+                    raise fail(f"{path} is a mapping, not a list; use .name, not [{part}]")
+                if not last and node.get(part) is None:
+                    node[part] = [] if isinstance(parts[i + 1], int) else {}
             else:
-                if part not in node or node[part] is None:
-                    node[part] = [] if isinstance(nxt, int) else {}
+                raise fail(f"{path} is {show(node)}, which has no fields")
+            if last:
+                node[part] = value
+            else:
                 node = node[part]
-        last = parts[-1]
-        if isinstance(node, list):
-            if not isinstance(last, int) or last >= len(node):
-                raise RecipeError([FieldError(f"--set {key}", f"no list item {last!r}")])
-        node[last] = value
     return data
 
 
 def load_recipe_data(path: Path) -> dict[str, Any]:
+    """A recipe file's data: at most 1 MiB of UTF-8 YAML, no aliases, a mapping at the top."""
     path = Path(path)
+
+    def fail(message: str) -> RecipeError:
+        return RecipeError([FieldError("", message)], source=str(path))
+
     if not path.is_file():
-        raise RecipeError([FieldError("", f"recipe file not found: {path}")], source=str(path))
+        raise fail(f"recipe file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise fail(f"{size} bytes; a recipe is a YAML file of at most {MAX_RECIPE_BYTES} bytes")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError([FieldError("", f"invalid YAML: {exc}")], source=str(path)) from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise fail(f"not UTF-8 text (byte {exc.start}); a recipe is a YAML file") from None
+    try:
+        data = parse_yaml(text)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
     if not isinstance(data, dict):
-        raise RecipeError([FieldError("", "expected a mapping at the top level of the recipe")], source=str(path))
+        raise fail(f"expected a mapping at the top level of the recipe, got {show(data)}")
     return data
 
 
@@ -251,9 +429,10 @@ def validate_recipe(data: dict[str, Any], base_dir: Path = Path("."), source: st
         resolved: dict[str, Any] = {}
         if recipe is not None:
             errors += _check_plugins(recipe.model, recipe.stages, pm, resolved)
+            recipe._resolved = resolved
+            errors += _geometry_errors(recipe) + _model_file_errors(recipe)
             errors += [FieldError(f"stages[{i}]", msg) for i, s in enumerate(recipe.stages)
                        for msg in getattr(s, "check", lambda r: [])(recipe)]
-            recipe.resolved = resolved
         else:  # still report plugin problems alongside schema problems
             try:
                 model = ModelConfig.model_validate(data.get("model"))
@@ -271,5 +450,5 @@ def validate_recipe(data: dict[str, Any], base_dir: Path = Path("."), source: st
 
 def load_recipe(path: Path, overrides: list[str] | None = None, pm: PluginManager | None = None) -> Recipe:
     path = Path(path)
-    data = apply_overrides(load_recipe_data(path), overrides or [])
+    data = apply_overrides(load_recipe_data(path), overrides or [], source=str(path))
     return validate_recipe(data, base_dir=path.parent, source=str(path), pm=pm)

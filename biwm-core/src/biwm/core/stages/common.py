@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from safetensors.torch import load_file
+from pydantic import Field, ValidationError
 
-from biwm.core.checkpoint import load_module_state
+from biwm.core.checkpoint import CorruptFileError, load_module_state, load_tensors, read_metadata
+from biwm.core.config import Strict
 from biwm.core.window import WorldModel
 
 if TYPE_CHECKING:
@@ -25,7 +27,8 @@ def load_world_model(ctx: "RunContext", init: Path | None = None, strict: bool =
     world = ctx.build_world_model()
     source = init or ctx.previous_weights
     if source is not None:
-        found = load_module_state(world.trainable_modules(), load_file(str(source)), strict=strict, source=str(source))
+        found = load_module_state(world.trainable_modules(), load_tensors(source, "model file"), strict=strict,
+                                  source=str(source))
         for kind, names in found.items():
             if names and report:
                 ctx.console.print(f"[yellow]init {source}: {len(names)} {kind}[/] ({', '.join(names[:4])}"
@@ -39,15 +42,41 @@ def text_embeddings(world: WorldModel, prompt: str, batch: int, device: torch.de
     return text.expand(batch, -1, -1), null
 
 
-def weights_metadata(ctx: "RunContext", init: Path | None) -> dict[str, str]:
-    """Metadata of the weights a stage would load (``init`` or the previous training stage's)."""
-    from safetensors import safe_open
+class DistilledModel(Strict):
+    """What the distill stage records in its model's metadata, checked like a recipe when read."""
 
+    stage: Literal["distill"]
+    student_steps: int = Field(ge=1, le=1000)
+    student_shift: float = Field(gt=0)
+    teacher: str = Field("", description="the teacher's model file, relative to this one (or absolute)")
+
+
+def model_metadata(path: Path) -> dict[str, str]:
+    """A biwm model file's metadata (its header only), checked: a distilled model's fields must be
+    valid and its teacher readable (returned as an absolute path). CorruptFileError names the file."""
+    path = Path(path)
+    meta = read_metadata(path, "model file")
+    if meta.get("stage") != "distill":
+        return meta
+    try:
+        distilled = DistilledModel.model_validate({k: v for k, v in meta.items() if k in DistilledModel.model_fields})
+    except ValidationError as exc:
+        from biwm.core.recipe import show
+
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')} "
+                             f"(got {show(e.get('input'))})" for e in exc.errors(include_url=False))
+        raise CorruptFileError(f"{path}: metadata of a distilled model is invalid: {problems}") from None
+    if distilled.teacher:
+        teacher = Path(os.path.normpath(path.parent / distilled.teacher))
+        read_metadata(teacher, f"teacher model file (named by {path})")
+        meta["teacher"] = str(teacher)
+    return meta
+
+
+def weights_metadata(ctx: "RunContext", init: Path | None) -> dict[str, str]:
+    """Checked metadata of the weights a stage would load (``init`` or the previous training stage's)."""
     source = init or ctx.previous_weights
-    if source is None:
-        return {}
-    with safe_open(str(source), "pt") as f:
-        return f.metadata() or {}
+    return model_metadata(source) if source is not None else {}
 
 
 def sampler_for(ctx: "RunContext", init: Path | None, steps: int, shift: float, cfg_scale: float):
@@ -58,6 +87,9 @@ def sampler_for(ctx: "RunContext", init: Path | None, steps: int, shift: float, 
     meta = weights_metadata(ctx, init)
     if meta.get("stage") == "distill":
         sampler = Sampler(int(meta["student_steps"]), float(meta["student_shift"]), 1.0, student=True)
+        if meta.get("teacher") and ctx.run_dir.resolve() not in Path(meta["teacher"]).resolve().parents:
+            ctx.console.print(f"[yellow]the distilled model's teacher is outside this run[/]: {meta['teacher']}",
+                              highlight=False)
     else:
         sampler = Sampler(steps, shift, cfg_scale)
     ctx.console.print(f"sampling: {sampler.describe()}")

@@ -13,6 +13,7 @@ and ``evaluate`` to sample with the student's steps and no CFG.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -59,7 +60,8 @@ class DistillConfig(Strict):
     def check(self, recipe) -> list[str]:
         from biwm.core.plugins import UnknownPluginError, get_plugin_manager
 
-        errors = []
+        errors = [f"betas[{i}]: {b} is not in [0, 1), which Adam's moment decay needs"
+                  for i, b in enumerate(self.betas) if not 0 <= b < 1]
         if self.t_min >= self.t_max:
             errors.append(f"t_min ({self.t_min}) must be below t_max ({self.t_max})")
         names = [ref.name for ref in self.losses]
@@ -239,19 +241,31 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
             loss_g, loss_c, exit_step = nets.iteration(it, clips, camera, text, null_text, sigmas, rng)
             if loss_g is not None:
                 counts["generator_updates"] += 1
-                history_g.append(_finite(loss_g.item(), "generator", it))
+                history_g.append(_finite(loss_g.item(), "generator", it, cfg))
             counts["critic_updates"] += 1
-            history_c.append(_finite(loss_c.item(), "critic", it))
+            history_c.append(_finite(loss_c.item(), "critic", it, cfg))
             it += 1
             update(critic=sum(history_c[-20:]) / len(history_c[-20:]), exit=exit_step)
+            ctx.log({"distill/critic_loss": history_c[-1], "distill/exit_step": exit_step,
+                     "distill/generator_lr": nets.opt_g.param_groups[0]["lr"],
+                     "distill/critic_lr": nets.opt_c.param_groups[0]["lr"],
+                     **({"distill/generator_loss": history_g[-1]} if loss_g is not None else {})}, step=it)
             if it % cfg.checkpoint_every == 0 and it < cfg.steps:
                 save_checkpoint(ckpt_dir, it, nets.modules(), nets.optimizers(), {"counts": counts}, rng)
 
     final = dict(nets.ema.module.items()) if nets.ema is not None else nets.generator.trainable_modules()
+    for what, modules in (("generator", final), ("critic", nets.critic.trainable_modules())):
+        bad = [f"{name}.{k}" for name, m in modules.items() for k, p in m.named_parameters()
+               if not bool(torch.isfinite(p).all())]
+        if bad:  # the last update is not followed by a loss that would show it
+            raise FloatingPointError(f"distill {what} weights hold NaN or inf after iteration {it} "
+                                     f"({len(bad)} tensors, e.g. {', '.join(bad[:2])}); {_blame(cfg, what)}")
     teacher_weights = cfg.init or ctx.previous_weights
-    save_weights(stage_dir / "model.safetensors", final,
-                 {"stage": "distill", "student_steps": str(cfg.student_steps), "student_shift": str(cfg.student_shift),
-                  "teacher": str(Path(teacher_weights).resolve()) if teacher_weights else ""})
+    model_file = stage_dir / "model.safetensors"
+    # the teacher relative to the model file, so a run folder that moves keeps its teacher
+    teacher = os.path.relpath(Path(teacher_weights).resolve(), model_file.parent.resolve()) if teacher_weights else ""
+    save_weights(model_file, final, {"stage": "distill", "student_steps": str(cfg.student_steps),
+                                     "student_shift": str(cfg.student_shift), "teacher": teacher})
     return {"distill_iterations": it, **counts,
             "distill_generator_loss_last": history_g[-1] if history_g else None,
             "distill_critic_loss_last": sum(history_c[-10:]) / max(1, len(history_c[-10:])) if history_c else None,
@@ -271,8 +285,24 @@ def _total(losses, steps, side: str) -> torch.Tensor:
     return total / len(steps)
 
 
-def _finite(value: float, side: str, it: int) -> float:
+def _blame(cfg: DistillConfig, side: str) -> str:
+    """The settings that can make a distill loss or weights diverge, as they stand, the unusual first."""
+    lr = f"generator_lr: {cfg.generator_lr:g}" if side == "generator" else f"critic_lr: {cfg.critic_lr:g}"
+    unusual = []
+    if cfg.teacher_cfg > 10:
+        unusual.append(f"teacher_cfg: {cfg.teacher_cfg:g} (usually 1-5)")
+    if cfg.grad_clip > 100:
+        unusual.append(f"grad_clip: {cfg.grad_clip:g} (usually 1-10)")
+    if cfg.student_shift > 20 or cfg.timestep_shift > 20:
+        unusual.append(f"student_shift: {cfg.student_shift:g}, timestep_shift: {cfg.timestep_shift:g} (usually 3-8)")
+    if (cfg.generator_lr if side == "generator" else cfg.critic_lr) > 1e-3:
+        unusual.insert(0, lr + " (usually 1e-6 to 1e-4)")
+    if unusual:
+        return "check stages.distill " + "; ".join(unusual)
+    return f"check stages.distill {lr}, teacher_cfg: {cfg.teacher_cfg:g}, or the stage-1 model it starts from"
+
+
+def _finite(value: float, side: str, it: int, cfg: DistillConfig) -> float:
     if not math.isfinite(value):
-        raise FloatingPointError(f"distill {side} loss is {value} at iteration {it}; lower stages.distill "
-                                 f"{'generator_lr' if side == 'generator' else 'critic_lr'}")
+        raise FloatingPointError(f"distill {side} loss is {value} at iteration {it}; {_blame(cfg, side)}")
     return value

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from biwm.core.config import InputFile, Strict
+from biwm.core.config import InputFile, Strict, show
 
 
 class GenerateConfig(Strict):
@@ -29,15 +29,47 @@ class GenerateConfig(Strict):
     seed: int = 0
     init: InputFile | None = Field(None, description="biwm model.safetensors to generate with (default: previous stage)")
 
+    def rollout_frames(self, recipe) -> int:
+        """Video frames the rollout generates after the true history (what ``keys`` must cover)."""
+        geometry = getattr(recipe.resolved.get("model.backbone"), "frame_geometry", None)
+        return (geometry()[0] if geometry else 1) * self.chunks * self.chunk_frames
+
     def check(self, recipe) -> list[str]:
         from biwm.core.camera import parse_keys
 
-        if self.keys is not None:
-            try:
-                parse_keys(self.keys)
-            except ValueError as exc:
-                return [f"keys: {exc}"]
+        if self.keys is None:
+            return []
+        frames = key_frames(self.keys)
+        needed = self.rollout_frames(recipe)
+        if frames is not None and frames != needed:
+            return [f"keys: {show(self.keys)} gives {frames} frames, but the rollout generates {needed} (chunks "
+                    f"{self.chunks} x chunk_frames {self.chunk_frames} latent frames, in video frames); give "
+                    f"exactly {needed}, e.g. pad with _*{abs(needed - frames)}" if frames < needed else
+                    f"keys: {show(self.keys)} gives {frames} frames, but the rollout generates {needed} (chunks "
+                    f"{self.chunks} x chunk_frames {self.chunk_frames} latent frames, in video frames); give exactly "
+                    f"{needed}, or raise chunks"]
+        try:
+            parse_keys(self.keys)
+        except ValueError as exc:
+            return [f"keys: {exc}"]
         return []
+
+
+def key_frames(keys: str) -> int | None:
+    """Frames a key string like ``w*8,a*3`` stands for, counted without expanding it (a count
+    like ``w*99999999999999`` is a number, not a list); None when it does not parse (parse_keys
+    says why)."""
+    total = 0
+    for raw in keys.split(","):
+        token = "".join(raw.split())
+        _, star, count = token.partition("*")
+        if not star:
+            total += 1
+        elif count.isdigit() and len(count) <= 1000:
+            total += int(count)
+        else:
+            return None
+    return total
 
 
 def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
@@ -45,7 +77,7 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
     from biwm.core.data import toyworld_latents, video_frames_for
     from biwm.core.evaluation import rollout_video, shuffled_camera
     from biwm.core.video import as_uint8
-    from biwm.core.metrics import psnr
+    from biwm.core.metrics import finite_mean, psnr
     from biwm.core.stages.common import load_world_model, sampler_for, text_embeddings
     from biwm.core.video import write_mp4, write_strip
 
@@ -70,18 +102,22 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
 
     def generate(camera: CameraTrack, label: str, rows: slice = slice(None)) -> torch.Tensor:
         with ctx.console.status(f"rollout ({label}): {cfg.chunks} chunks x {cfg.steps} steps"):
-            return rollout_video(world, text[rows], null_text, history[rows], camera, cfg.chunks, cfg.chunk_frames,
-                                 sampler, cfg.seed, recipe.model.attention)
+            video = rollout_video(world, text[rows], null_text, history[rows], camera, cfg.chunks, cfg.chunk_frames,
+                                  sampler, cfg.seed, recipe.model.attention)
+        if video.is_floating_point() and not bool(torch.isfinite(video).all()):
+            raise FloatingPointError(f"the rollout ({label}) produced NaN or inf frames with {sampler.describe()}; "
+                                     "the model's weights or the sampler settings (cfg_scale, shift) are to blame")
+        return video
 
     correct = generate(raw_camera, "correct actions")
     copy_last = data.frames[:, h_video - 1:h_video].expand_as(truth)  # the trivial "nothing moves" forecast
-    metrics = {"psnr_correct_actions": float(psnr(correct, truth).mean()),
-               "psnr_copy_last_frame": float(psnr(copy_last, truth).mean()),
+    metrics = {"psnr_correct_actions": finite_mean(psnr(correct, truth), "PSNR of the correct-action rollout"),
+               "psnr_copy_last_frame": finite_mean(psnr(copy_last, truth), "PSNR of copying the last frame"),
                "psnr_correct_per_trajectory": psnr(correct, truth).tolist()}
     rows = {"truth": truth, "correct": correct}
     if cfg.shuffled_baseline and n > 1:
         shuffled = generate(shuffled_camera(raw_camera, h_video, recipe.data.toyworld), "shuffled actions")
-        metrics["psnr_shuffled_actions"] = float(psnr(shuffled, truth).mean())
+        metrics["psnr_shuffled_actions"] = finite_mean(psnr(shuffled, truth), "PSNR of the shuffled rollout")
         metrics["psnr_shuffled_per_trajectory"] = psnr(shuffled, truth).tolist()
         rows["shuffled"] = shuffled
     metrics.update(trajectories=n, history_latent_frames=h_lat, chunks=cfg.chunks, steps=cfg.steps,
@@ -101,7 +137,9 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
                 scale=max(1, 128 // past.shape[-1]))
     if cfg.keys is not None:
         keys = parse_keys(cfg.keys).to(raw_camera.c2w.device)
-        frames = min(len(keys), truth.shape[1])
+        if len(keys) != truth.shape[1]:  # validation checks this; a recipe built by hand may not be validated
+            raise ValueError(f"keys: {len(keys)} frames for a rollout of {truth.shape[1]}")
+        frames = len(keys)
         first = raw_camera.select(slice(0, 1))
         actions = first.actions.clone()
         actions[0, h_video:h_video + frames] = keys[:frames]
