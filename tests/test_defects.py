@@ -316,3 +316,31 @@ def test_toyworld_data_defaults_to_the_recipes_size(tmp_path):
     with safe_open(str(tmp_path / "d" / "clips.safetensors"), "pt") as f:
         frames = f.get_tensor(next(k for k in f.keys() if "frame" in k))
     assert tuple(frames.shape[-2:]) == (32, 32)
+
+
+# ---------------------------------------------------------------- 14: report.md carries the teacher
+def test_report_shows_the_distilled_generator_beside_its_teacher(tmp_path):
+    from biwm.core.report import write_report
+
+    metrics = {"chunks": 2, "psnr": 20.0, "psnr_per_chunk": [21.0, 19.0], "sampler": "distilled generator, 2 steps",
+               "teacher_sampler": "50 Euler steps, CFG 3", "student_psnr": 20.0, "teacher_psnr": 22.5,
+               "teacher_psnr_per_chunk": [23.0, 22.0], "student_idm_accuracy": 0.5, "teacher_idm_accuracy": 0.75,
+               "student_nfe_per_chunk": 2, "teacher_nfe_per_chunk": 100}
+    write_report(tmp_path, metrics, "eval")
+    report = (tmp_path / "report.md").read_text()
+    assert "## Distilled generator vs its teacher" in report
+    assert "| PSNR vs the true continuation (dB) (`student_psnr`, `teacher_psnr`) | 20.00 | 22.50 |" in report
+    assert "| network evaluations per chunk (`student_nfe_per_chunk`, `teacher_nfe_per_chunk`) | 2 | 100 |" in report
+    assert (tmp_path / "drift.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- 12: --log-with tensorboard
+def test_log_with_tensorboard_is_an_option_and_says_what_it_needs(tmp_path):
+    import importlib.util
+
+    assert "--log-with" in cli("run", "--help").stdout
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed")
+    result = cli("run", QUICKSTART, "--log-with", "tensorboard", "--set", f"run_dir={tmp_path / 'run'}")
+    assert result.exit_code == 2 and "pip install 'biwm-core[tensorboard]'" in result.stderr
+    assert not (tmp_path / "run").exists()

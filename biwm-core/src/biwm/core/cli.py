@@ -140,6 +140,11 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
     """Run a recipe's stages in order."""
     from biwm.core.runner import run_recipe
 
+    if log_with is LogWith.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            _fail("--log-with tensorboard needs the tensorboard package: pip install 'biwm-core[tensorboard]'")
     r = _load(recipe, set_)
     with _run_errors():
         metrics = run_recipe(r, resume=resume, console=console, force=force,

@@ -1,6 +1,23 @@
 """The five plugin protocols and the data structures they exchange.
 
 Keep them small: the window engine (``biwm.core.window``) composes them.
+
+What a plugin must know beyond the method signatures (the registry checks the first two when the
+plugin registers, and lists a plugin that breaks them as ``broken``):
+
+- **How factories are called.** ``register(name, factory, options=Model, description=...)``; the
+  registry calls ``factory(options)`` for backbones and quantizers and
+  ``factory(options, backbone=backbone)`` for controls, compressors and losses (``options`` is an
+  instance of ``Model``; ``backbone`` the model's :class:`Backbone`, for a loss the critic's).
+- **A compressor is a** ``torch.nn.Module`` (its parameters, if any, train and save with the
+  model); a plain class satisfies ``isinstance(x, HistoryCompressor)`` but cannot be saved.
+- **Options are strict.** Whatever ``Model`` declares, the registry uses a subclass that forbids
+  unknown fields and numbers outside float32/int64, so a misspelled option is a recipe error.
+- **modulation.** A compressor that returns ``HistoryTokens(modulation=None)`` while the model has a
+  modulation-targeted control (``actions``) gives the history tokens *no* action control (zeros):
+  pool the ``modulation`` it is given exactly like the tokens to keep it.
+- **token_budget** takes the token grid of one frame, ``(h', w')`` after the patch embedding (not
+  pixels, not latents).
 """
 
 from __future__ import annotations
@@ -102,7 +119,9 @@ class ControlInjector(Protocol):
 
 @runtime_checkable
 class HistoryCompressor(Protocol):
-    """History latents -> a bounded number of history tokens with positions."""
+    """History latents -> a bounded number of history tokens with positions. Must be an
+    ``nn.Module`` (see the module docstring); returning ``modulation=None`` zeroes the history's
+    modulation-targeted control."""
 
     def compress(self, latents: Tensor, frame_index: Tensor, control: Tensor | None,
                  backbone: Backbone, modulation: Tensor | None = None, query: Tensor | None = None) -> HistoryTokens:
@@ -117,7 +136,9 @@ class HistoryCompressor(Protocol):
         """Which history latent frames the compressor reads (so callers embed only those): a slice,
         or a sorted list of frame indices."""
 
-    def token_budget(self, history_length: int, grid_hw: tuple[int, int]) -> int: ...
+    def token_budget(self, history_length: int, grid_hw: tuple[int, int]) -> int:
+        """The most history tokens :meth:`compress` returns for ``history_length`` latent frames
+        whose token grid is ``grid_hw`` = (h', w'), the patch-embedded rows and columns of one frame."""
 
 
 @runtime_checkable

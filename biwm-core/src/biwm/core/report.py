@@ -6,14 +6,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
 from biwm.core.camera import ROTATIONS, TRANSLATIONS
-from biwm.core.checkpoint import atomic_write_text
+from biwm.core.checkpoint import atomic_path, atomic_write_text
 
 # (key, label, format) rows of the report's tables; rows whose key is missing are left out.
 CAMERA_ROWS = [
@@ -44,6 +43,33 @@ DYNAMICS_ROWS = [
 ]
 
 
+# (what, format) of the distilled generator beside its teacher: student_<what> and teacher_<what>.
+TEACHER_ROWS = [
+    ("psnr", "PSNR vs the true continuation (dB)", ".2f"),
+    ("ssim", "SSIM vs the true continuation", ".3f"),
+    ("sharpness", "sharpness (high-frequency energy ratio)", ".3f"),
+    ("idm_accuracy", "IDM accuracy of the rollout", ".3f"),
+    ("nfe_per_chunk", "network evaluations per chunk", "d"),
+]
+
+
+def _teacher_table(metrics: dict[str, Any]) -> list[str]:
+    """The distilled generator against its teacher on the same trajectories (from evaluate's
+    ``compare_teacher``); empty when the metrics hold no teacher."""
+    if metrics.get("teacher_psnr") is None:
+        return []
+    lines = ["## Distilled generator vs its teacher", "",
+             f"Same trajectories; student: {metrics.get('sampler', '–')}; teacher: "
+             f"{metrics.get('teacher_sampler', '–')}.", "",
+             "| metric | student | teacher |", "| --- | --- | --- |"]
+    for what, label, fmt in TEACHER_ROWS:
+        student, teacher = metrics.get(f"student_{what}"), metrics.get(f"teacher_{what}")
+        if student is not None or teacher is not None:
+            lines.append(f"| {label} (`student_{what}`, `teacher_{what}`) | {_fmt(student, fmt)} | "
+                         f"{_fmt(teacher, fmt)} |")
+    return lines + [""]
+
+
 def _key(metrics: dict[str, Any], key: str) -> str:
     """Resolve the aliases ``psnr_last`` / ``psnr_drop`` to the run's chunk count."""
     chunks = metrics.get("chunks")
@@ -68,10 +94,8 @@ def _table(metrics: dict[str, Any], rows: list[tuple[str, str, str]]) -> list[st
 def _save_figure(fig: Any, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
 
 
 def _pyplot():
@@ -84,8 +108,11 @@ def _pyplot():
 
 
 def plot_drift(runs: dict[str, dict[str, Any]], path: Path, baseline: bool = True) -> None:
-    """PSNR and SSIM per chunk, one line per run (and the copy-last-frame baseline of the first)."""
+    """PSNR and SSIM per chunk, one line per run (and the copy-last-frame baseline of the first; for
+    one distilled run, its teacher)."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     for ax, metric, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ssim", "SSIM")):
         for name, m in runs.items():
@@ -93,10 +120,14 @@ def plot_drift(runs: dict[str, dict[str, Any]], path: Path, baseline: bool = Tru
             if values:
                 ax.plot(range(1, len(values) + 1), values, marker="o", ms=3, label=name)
         first = next(iter(runs.values()))
+        if len(runs) == 1 and first.get(f"teacher_{metric}_per_chunk"):
+            values = first[f"teacher_{metric}_per_chunk"]
+            ax.plot(range(1, len(values) + 1), values, marker="s", ms=3, ls=":", label="teacher")
         if baseline and first.get(f"copy_last_frame_{metric}_per_chunk"):
             values = first[f"copy_last_frame_{metric}_per_chunk"]
             ax.plot(range(1, len(values) + 1), values, ls="--", color="grey", label="repeat last true frame")
         ax.set_xlabel("chunk")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # chunks are whole numbers
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -144,7 +175,8 @@ def write_report(folder: Path, metrics: dict[str, Any], title: str, strip: list[
              f"`{metrics.get('attention')}`. Raw numbers: `metrics.json`.", "",
              "## Camera following", "", *_table(metrics, CAMERA_ROWS), "",
              "![IDM accuracy per action](idm_per_action.png)", "",
-             "## Quality over time", "", *_table(metrics, QUALITY_ROWS), "", "![drift](drift.png)", ""]
+             "## Quality over time", "", *_table(metrics, QUALITY_ROWS), "", "![drift](drift.png)", "",
+             *_teacher_table(metrics)]
     if metrics.get("dynamics_true") is not None:
         lines += ["## Dynamics and diversity (still camera)", "", *_table(metrics, DYNAMICS_ROWS), ""]
     if strip:
