@@ -82,7 +82,8 @@ def recipes(draw):
                 "stage": stages[draw(st.integers(0, len(stages) - 1))] if stages else None}[section]
         if not isinstance(node, dict):
             node = data
-        key = draw(st.one_of(st.sampled_from(sorted(node)), st.text(max_size=8)))
+        existing = sorted(str(k) for k in node)
+        key = draw(st.one_of(st.sampled_from(existing), st.text(max_size=8)) if existing else st.text(max_size=8))
         if draw(st.booleans()):
             node[key] = draw(values)
         else:
