@@ -218,7 +218,8 @@ def test_diverged_weights_are_not_saved(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", diverging_step)
-    with pytest.raises(RunError, match=r"stage finetune: not saving .*model.safetensors: .* NaN or inf"):
+    with pytest.raises(RunError, match=r"stage finetune: finetune weights hold NaN or inf after step 1; "
+                                        r"check stages.finetune lr: "):
         run(one_stage(tmp_path / "run", steps=1))
     stage = tmp_path / "run" / "finetune"
     assert not (stage / "DONE").exists() and not (stage / "model.safetensors").exists()

@@ -8,4 +8,4 @@ def register_backbones(register):
     from biwm.backbones.wan import WanOptions, build_wan
 
     register("wan", build_wan, options=WanOptions,
-             description="Wan2.1/Wan2.2 video DiT via diffusers (presets: tiny, wan2.1-t2v-1.3b, wan2.2-ti2v-5b)")
+             description="Wan2.1/Wan2.2 video DiT via diffusers (presets: tiny, toy, wan2.1-t2v-1.3b, wan2.2-ti2v-5b)")

@@ -12,11 +12,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from biwm.core.camera import CameraTrack
-from biwm.core.checkpoint import atomic_save_tensors
+from biwm.core.checkpoint import atomic_save_tensors, load_tensors
 from biwm.core.protocols import Backbone
 from biwm.core.toyworld import ToyClips, ToyWorldConfig, render_clips, split_seeds
 
@@ -76,7 +75,7 @@ def toyworld_latents(split: str, count: int, latent_frames: int, config: ToyWorl
                                     sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"{split}-{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
-        t = load_file(str(path))
+        t = load_tensors(path, "data cache file")
         camera = CameraTrack(t["c2w"], t["intrinsics"], t["actions"])
         return LatentClips(t["latents"], camera, t.get("frames"), t["seeds"].tolist())
     seeds = split_seeds(split, count)  # type: ignore[arg-type]

@@ -34,11 +34,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from biwm.core.camera import NUM_ACTIONS, ROTATIONS, TRANSLATIONS, _ROTATION_AXES, pose_from_yaw_pitch, split_action
-from biwm.core.checkpoint import atomic_save_tensors
+from biwm.core.checkpoint import atomic_save_tensors, load_tensors
 from biwm.core.toyworld import ToyClips, ToyWorldConfig, render_clips, split_seeds
 
 # Fields of ToyWorldConfig that only shape the random action policy: an IDM serves any value.
@@ -267,7 +266,7 @@ def load_idm(path: Path, config: ToyWorldConfig | None = None, device: torch.dev
                          + ", ".join(f"{k}: {a} (IDM) vs {b} (data)" for k, (a, b) in diff.items()))
     model = InverseDynamicsModel(trained_for.height, trained_for.width, trained_for.fov_deg,
                                  trained_for.turn_step_deg, int(meta["channels"]))
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    model.load_state_dict({k: v.float() for k, v in load_tensors(path, "IDM file").items()})
     return LoadedIDM(model.to(device).eval(), path, json.loads(meta.get("info", "{}")))
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+
+from biwm.core.checkpoint import atomic_path
 
 
 def as_uint8(frames: Tensor) -> Tensor:
@@ -30,12 +31,10 @@ def write_mp4(path: Path, frames: Tensor, fps: int = 8, scale: int = 1) -> None:
     if scale > 1:
         arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    with imageio.get_writer(str(tmp), fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                            ffmpeg_log_level="error") as writer:
+    with atomic_path(path) as tmp, imageio.get_writer(str(tmp), fps=fps, codec="libx264", quality=8,
+                                                      macro_block_size=1, ffmpeg_log_level="error") as writer:
         for frame in arr:
             writer.append_data(frame)
-    os.replace(tmp, path)
 
 
 def write_strip(path: Path, rows: list[Tensor], every: int = 1, scale: int = 1) -> None:
@@ -45,6 +44,5 @@ def write_strip(path: Path, rows: list[Tensor], every: int = 1, scale: int = 1) 
     grid = np.concatenate([np.concatenate(list(a), axis=1) for a in arrs], axis=0)
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(grid).save(tmp, format="PNG")

@@ -59,6 +59,9 @@ class FinetuneConfig(Strict):
         return self.lr * scale
 
     def check(self, recipe) -> list[str]:
+        if self.lr * max(1.0, self.new_module_lr_scale) > 1e3:
+            return [f"lr: {self.lr:g} (x new_module_lr_scale {self.new_module_lr_scale:g}) is far above any "
+                    "learning rate that trains; expected at most 1e3"]
         frames = recipe.data.frames
         if self.chunk_frames >= frames:
             return [f"chunk_frames: {self.chunk_frames} must be smaller than data.frames ({frames})"]
@@ -176,16 +179,17 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     generator = torch.Generator().manual_seed(recipe.seed + 1)  # window shapes and clips, on the host
     noise_generator = torch.Generator(device)  # noise and dropout, reseeded per step: resumable, no state
     ckpt_dir = stage_dir / "checkpoints"
-    step = 0
+    step, meta = 0, {}
     if ctx.resume and (ckpts := list_checkpoints(ckpt_dir)):
         meta = load_checkpoint(ckpts[-1], saved, {"model": optimizer}, generator)
         step = meta["step"]
         ctx.console.print(f"resumed finetune from {ckpts[-1].name} (step {step})")
+    done_before = meta.get("extra", {})  # the interrupted part's losses and time, for the metrics
 
-    losses: list[float] = []
+    losses: list[float] = list(done_before.get("losses", []))
     pending: list[torch.Tensor] = []  # losses still on the device, read every log_every steps
     shown = step
-    started = time.time()
+    started = time.time() - float(done_before.get("seconds", 0.0))
     world.train()
 
     def read_losses() -> None:
@@ -219,15 +223,19 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
                 read_losses()
                 recent = losses[-cfg.log_every:]
                 update(advance=step - shown, loss=sum(recent) / len(recent), lr=cfg.lr_at(step - 1))
+                ctx.log({"finetune/loss": sum(recent) / len(recent), "finetune/lr": cfg.lr_at(step - 1)}, step=step)
                 shown = step
             if step % cfg.checkpoint_every == 0 and step < cfg.steps and acc.is_main_process:
                 read_losses()
-                save_checkpoint(ckpt_dir, step, saved, {"model": optimizer}, {}, generator)
+                save_checkpoint(ckpt_dir, step, saved, {"model": optimizer},
+                                {"losses": losses, "seconds": time.time() - started}, generator)
     read_losses()
     seconds = time.time() - started
 
     if acc.is_main_process:
         final = ema.modules_by_name() if ema is not None else model.trainable_modules()
+        if not all(bool(torch.isfinite(p).all()) for m in final.values() for p in m.parameters()):
+            raise FloatingPointError(f"finetune weights hold NaN or inf after step {step}; {_blame(cfg)}")
         save_weights(stage_dir / "model.safetensors", final, {"stage": "finetune"})
     head = losses[: max(1, len(losses) // 10)]
     tail = losses[-max(1, len(losses) // 10):]
