@@ -1,4 +1,4 @@
-"""benchmarks/rollout.py and benchmarks/train.py on the CPU with the tiny preset (CI runs them so
+"""benchmarks/rollout.py, train.py and train_lab.py on the CPU with the tiny preset (CI runs them so
 they keep working; the timings they print are not asserted)."""
 
 from __future__ import annotations
@@ -82,3 +82,23 @@ def test_train_benchmark_on_cpu_times_stage1_and_both_dmd_critics(tmp_path):
 def test_train_benchmark_rejects_unknown_parts():
     proc = run("train.py", "--preset", "tiny", "--parts", "stage3")
     assert proc.returncode == 2 and "--parts: unknown stage3" in proc.stderr
+
+
+def test_train_lab_benchmark_on_cpu_times_every_variant(tmp_path):
+    out = tmp_path / "lab"
+    proc = run("train_lab.py", "--presets", "tiny", "--steps", "2", "--warmup", "1", "--batch", "2", "--clips", "4",
+               "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["variant"]: r for r in data["results"]}
+    assert list(rows) == ["before", "resident", "bf16"] and data["batch"] == 2
+    assert rows["before"]["speedup_over_before"] == 1.0
+    for r in rows.values():
+        assert r["seconds_per_step"] > 0 and r["steps_per_second"] == 1 / r["seconds_per_step"]
+        assert r["parameters_m"] == rows["before"]["parameters_m"] > 0
+    assert "| tiny | bf16 |" in out.with_suffix(".md").read_text()
+
+
+def test_train_lab_benchmark_rejects_unknown_variants():
+    proc = run("train_lab.py", "--variants", "before,turbo", "--out", "/tmp/never")
+    assert proc.returncode == 2 and "--variants: unknown turbo" in proc.stderr

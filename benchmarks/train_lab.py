@@ -1,0 +1,142 @@
+"""Toy-lab training speed: steps per second of stage 1 on the toy world, the loop as it was before
+issue 13 against the loop as it is, same model, batch and windows, measured in one run.
+
+    python benchmarks/train_lab.py --out docs/results/train_lab_h200                # one GPU
+    python benchmarks/train_lab.py --presets tiny --steps 4 --warmup 1 --batch 4 --out /tmp/lab  # CPU smoke run
+
+Variants (each adds to the one before):
+- ``before``: the loop before issue 13: fp32, the training clips on the host (each window copied
+  to the device), noise and dropout drawn on the host, ``loss.item()`` after every step (a host
+  sync), unfused AdamW.
+- ``resident``: clips resident on the device, noise drawn there from a device generator, the loss
+  read every 100 steps instead of every step, fused AdamW (on CUDA).
+- ``bf16``: plus bf16 autocast (fp32 master weights), the lab recipe's setting.
+
+The same seeded window shapes (history length 0-8, chunk of 4) are used by every variant. Reported:
+median seconds per step over ``--steps`` timed steps (in blocks of 25) after ``--warmup`` steps, and
+the speed-up over ``before``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, markdown_table, median, parse_list, synchronize, write_json  # noqa: E402
+
+VARIANTS = ["before", "resident", "bf16"]
+BLOCK = 25
+
+
+def build(preset: str, device: torch.device, clips: int, frames: int):
+    from biwm.core.data import toyworld_latents
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import RunContext
+    from biwm.core.stages.common import load_world_model, text_embeddings
+
+    recipe = validate_recipe({
+        "name": "train-lab-bench", "run_dir": "/tmp/train-lab-bench",
+        "data": {"train_clips": clips, "frames": frames, "toyworld": {"height": 32, "width": 32, "supersample": 4}},
+        "model": {"backbone": {"name": "wan", "options": {"preset": preset}}, "controls": ["actions", "plucker"],
+                  "compressor": {"name": "none", "options": {"max_frames": 8}}},
+        "stages": [{"stage": "finetune"}]})
+    ctx = RunContext(recipe=recipe, run_dir=Path("/tmp/train-lab-bench"))
+    world = load_world_model(ctx).to(device)
+    data = toyworld_latents("train", clips, frames, recipe.data.toyworld, world.backbone, None, "bench", device=device)
+    return recipe, world, data, text_embeddings
+
+
+def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
+    from biwm.core.stages.finetune import FinetuneConfig, finetune_loss, make_optimizer, sample_batch
+
+    torch.manual_seed(0)
+    recipe, world, data, text_embeddings = build(preset, device, args.clips, args.frames)
+    cfg = FinetuneConfig(batch_size=args.batch, max_history=8, precision="bf16" if variant == "bf16" else "fp32")
+    text, null = text_embeddings(world, "", args.batch, device)
+    if variant != "before":
+        data = data.to(device)
+    optimizer = make_optimizer(world, cfg, fused=variant != "before" and device.type == "cuda")
+    params = [p for p in world.parameters() if p.requires_grad]
+    shapes = torch.Generator().manual_seed(1)
+    noise = torch.Generator() if variant == "before" else torch.Generator(device)
+    world.train()
+    pending: list[torch.Tensor] = []
+    block_times: list[float] = []
+    total = args.warmup + args.steps
+    start = time.perf_counter()
+    for step in range(total):
+        if step == args.warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        noise.manual_seed(step)
+        x0, history, camera = sample_batch(data, cfg, shapes, device)
+        loss = finetune_loss(world, cfg, x0, history, camera, text, null, noise, "bidirectional")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if variant == "before":
+            loss.item()
+        else:
+            pending.append(loss.detach())
+            if len(pending) == 100:
+                torch.stack(pending).tolist()
+                pending.clear()
+        done = step + 1 - args.warmup
+        if done > 0 and done % BLOCK == 0 or step + 1 == total:
+            synchronize(device)
+            now = time.perf_counter()
+            steps_in_block = BLOCK if done % BLOCK == 0 else done % BLOCK
+            block_times.append((now - start) / steps_in_block)
+            start = now
+    return {"variant": variant, "preset": preset, "seconds_per_step": median(block_times),
+            "steps_per_second": 1 / median(block_times), "timed_steps": args.steps,
+            "parameters_m": round(sum(p.numel() for p in params) / 1e6, 2)}
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[-1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="tiny,toy")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--clips", type=int, default=256, help="training clips rendered for the benchmark")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, required=True, help="output prefix: writes OUT.json and OUT.md")
+    args = parser.parse_args()
+    presets = parse_list(parser, "--presets", args.presets, ["tiny", "toy"])
+    variants = parse_list(parser, "--variants", args.variants, VARIANTS)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    rows, results = [], []
+    for preset in presets:
+        base = None
+        for variant in variants:
+            r = time_variant(variant, preset, device, args)
+            base = r["seconds_per_step"] if variant == "before" else base
+            r["speedup_over_before"] = base / r["seconds_per_step"] if base else None
+            results.append(r)
+            rows.append([preset, variant, f"{r['seconds_per_step'] * 1e3:.1f}", f"{r['steps_per_second']:.1f}",
+                         f"{r['speedup_over_before']:.2f}x" if r["speedup_over_before"] else "-"])
+            print(f"{preset} {variant}: {r['seconds_per_step'] * 1e3:.1f} ms/step", flush=True)
+    table = markdown_table(["preset", "variant", "ms per step (median)", "steps/s", "vs before"], rows)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out.with_suffix(".json"), {"batch": args.batch, "environment": environment(device),
+                                               "results": results})
+    args.out.with_suffix(".md").write_text(f"# Toy-lab training speed\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

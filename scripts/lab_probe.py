@@ -1,0 +1,66 @@
+"""Toy-lab probe: per-chunk PSNR of rollouts against copy-last-frame, for several samplers, with the
+sharpness of each and a strip PNG (rows: truth, sample; 4 clips). Quicker than ``biwm eval`` (no IDM,
+no dynamics), for comparing training arms:
+
+    python scripts/lab_probe.py RUN_DIR [--weights FILE] [--n 32] [--chunks 10] [--samplers 20:1,50:1] --out PREFIX
+
+A sampler is STEPS:CFG. Writes PREFIX.json and PREFIX.png.
+"""
+import argparse, json, sys, time
+from pathlib import Path
+import torch
+from biwm.core.data import toyworld_latents, video_frames_for
+from biwm.core.evaluation import Sampler, quality_scores, rollout_video, sharpness
+from biwm.core.recipe import load_recipe
+from biwm.core.runner import RunContext
+from biwm.core.stages.common import load_world_model, text_embeddings
+
+ap = argparse.ArgumentParser()
+ap.add_argument("run"); ap.add_argument("--weights"); ap.add_argument("--n", type=int, default=32)
+ap.add_argument("--chunks", type=int, default=10); ap.add_argument("--out", required=True)
+ap.add_argument("--samplers", default="20:1,50:1,20:2")
+a = ap.parse_args()
+run = Path(a.run)
+r = load_recipe(run / "recipe.yaml", [])
+ctx = RunContext(r, run)
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+w = Path(a.weights) if a.weights else run / "finetune" / "model.safetensors"
+world = load_world_model(ctx, init=w).to(dev).eval()
+bb = world.backbone
+H, K = 4, 4
+data = toyworld_latents("heldout", a.n, H + a.chunks * K, r.data.toyworld, bb, None, "probe", device=dev, keep_frames=True)
+text, null = text_embeddings(world, r.data.prompt, a.n, dev)
+hist = data.latents[:, :, :H].to(dev)
+tf = bb.temporal_factor
+cam = data.camera.frames(slice(tf - 1, None))
+hv = video_frames_for(H, tf)
+truth = data.frames[:, hv:].float().div(127.5).sub(1)
+last = data.frames[:, hv - 1:hv].float().div(127.5).sub(1)
+res = {"weights": str(w), "n": a.n, "chunks": a.chunks}
+copy = quality_scores(last.expand_as(truth), truth, K * tf)
+res["copy_last"] = [round(x, 2) for x in copy["psnr_per_chunk"]]
+print("copy-last", res["copy_last"], flush=True)
+videos = {}
+for spec in a.samplers.split(","):
+    steps, cfg = spec.split(":")
+    t0 = time.time()
+    v = rollout_video(world, text, null, hist, cam, a.chunks, K, Sampler(int(steps), 3.0, float(cfg)), 0, "bidirectional")
+    q = quality_scores(v, truth, K * tf)
+    res[spec] = {"psnr_per_chunk": [round(x, 2) for x in q["psnr_per_chunk"]], "seconds": round(time.time() - t0, 1)}
+    videos[spec] = v
+    print(spec, res[spec], flush=True)
+    Path(a.out + ".json").write_text(json.dumps(res, indent=1))
+for spec, v in videos.items():
+    res[spec]["sharpness"] = round(sharpness(v, truth), 3)
+from PIL import Image
+spec0 = a.samplers.split(",")[0]
+v = videos[spec0]
+rows = []
+for i in range(4):
+    t = torch.cat([data.frames[i, :hv].float().div(127.5).sub(1), truth[i, :12]], 0)
+    g = torch.cat([data.frames[i, :hv].float().div(127.5).sub(1), v[i, :12]], 0)
+    rows += [t, g]
+img = torch.stack([torch.cat(list(r_), 2) for r_ in rows])  # [R, 3, H, W*T]
+img = torch.cat(list(img), 1).permute(1, 2, 0)
+Image.fromarray(((img.clamp(-1, 1) + 1) * 127.5).round().byte().numpy()).resize((img.shape[1] * 2, img.shape[0] * 2), Image.NEAREST).save(a.out + ".png")
+Path(a.out + ".json").write_text(json.dumps(res, indent=1))
