@@ -43,7 +43,7 @@ class FinetuneConfig(Strict):
                               "is then the EMA (null: the last weights)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast the forward and backward "
                                                "(fp32 master weights and optimizer)")
-    compile: bool = Field(False, description="torch.compile the world model (one graph for every window shape; "
+    compile: bool = Field(False, description="torch.compile the world model (one static graph per history length; "
                                              "worth it on a GPU, where small models are launch-bound)")
     log_every: int = Field(50, ge=1, description="steps between loss read-outs (each waits for the device)")
     checkpoint_every: int = Field(50, ge=1)
@@ -173,7 +173,14 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
 
     world, optimizer = acc.prepare(world, optimizer)
     model = acc.unwrap_model(world)
-    forward = torch.compile(world, dynamic=True) if cfg.compile else world
+    forward = world
+    if cfg.compile:
+        import torch._dynamo
+
+        # one static graph per window shape: history lengths 0..max_history (dynamic shapes recompiled
+        # on every camera-track length anyway, and hit the default limit of 8)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, cfg.max_history + 2)
+        forward = torch.compile(world, dynamic=False)
     ema = ModelEMA(model.trainable_modules(), cfg.ema) if cfg.ema else None
     saved = {**model.trainable_modules(), **({"ema": ema} if ema is not None else {})}
     generator = torch.Generator().manual_seed(recipe.seed + 1)  # window shapes and clips, on the host
