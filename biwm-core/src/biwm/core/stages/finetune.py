@@ -175,11 +175,11 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     model = acc.unwrap_model(world)
     forward = world
     if cfg.compile:
-        import torch._dynamo
+        import torch._dynamo as dynamo
 
         # one static graph per window shape: history lengths 0..max_history (dynamic shapes recompiled
         # on every camera-track length anyway, and hit the default limit of 8)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, cfg.max_history + 2)
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, cfg.max_history + 2)
         forward = torch.compile(world, dynamic=False)
     ema = ModelEMA(model.trainable_modules(), cfg.ema) if cfg.ema else None
     saved = {**model.trainable_modules(), **({"ema": ema} if ema is not None else {})}
