@@ -106,3 +106,24 @@ def test_camera_scores_per_chunk_and_last_five():
     assert out["accuracy_per_chunk"] == pytest.approx([0.0, 1, 1, 1, 1, 0.75])
     assert out["accuracy_last5"] == pytest.approx((4 + 0.75) / 5)
     assert out["accuracy"] == pytest.approx((chunks * per * b - per * b - 1) / (chunks * per * b))
+
+
+def test_strip_labels_rows_and_columns(tmp_path):
+    from PIL import Image
+
+    from biwm.core.video import write_strip
+
+    rows = [torch.zeros(6, 3, 8, 8, dtype=torch.uint8), torch.full((6, 3, 8, 8), 255, dtype=torch.uint8)]
+    write_strip(tmp_path / "plain.png", rows, every=2, scale=2)
+    write_strip(tmp_path / "named.png", rows, every=2, scale=2, labels=["truth", "generated"], history=2)
+    plain = Image.open(tmp_path / "plain.png")
+    named = Image.open(tmp_path / "named.png")
+    assert plain.size == (3 * 16, 2 * 16)
+    assert named.size[0] > plain.size[0] and named.size[1] > plain.size[1]  # a margin on the left and on top
+    margin = torch.tensor(list(named.getdata()), dtype=torch.int32).view(named.size[1], named.size[0], 3)
+    left = named.size[0] - plain.size[0]
+    assert (margin[:, :left] < 128).any()  # the row names are drawn
+    assert (margin[-plain.size[1]:, left:] == torch.tensor(list(plain.getdata())).view(32, 48, 3)).all()
+    with pytest.raises(ValueError, match="1 labels for 2 rows"):
+        write_strip(tmp_path / "bad.png", rows, labels=["truth"])
+    assert not (tmp_path / "bad.png").exists()

@@ -167,7 +167,8 @@ def write_report(folder: Path, metrics: dict[str, Any], title: str, strip: list[
     plot_drift({"model": metrics}, folder / "drift.png")
     plot_idm_per_action({"model": metrics}, folder / "idm_per_action.png")
     if strip:
-        write_strip(folder / "samples.png", strip, every=strip_every, scale=max(1, 96 // strip[0].shape[-1]))
+        write_strip(folder / "samples.png", strip, every=strip_every, scale=max(1, 96 // strip[0].shape[-1]),
+                    labels=["truth", "generated"] if len(strip) == 2 else None)
     lines = [f"# {title}", "",
              f"{metrics.get('trajectories')} held-out toy-world trajectories, {metrics.get('history_latent_frames')} true "
              f"history latent frames, then {metrics.get('chunks')} chunks of {metrics.get('chunk_latent_frames')} latent "

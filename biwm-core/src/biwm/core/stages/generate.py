@@ -134,7 +134,8 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
         video = torch.cat([torch.cat([past[i], as_uint8(rows[k][i])]) for k in rows], dim=-1)
         write_mp4(stage_dir / f"trajectory_{i}.mp4", video, fps=cfg.fps, scale=4)
     write_strip(stage_dir / "strip.png", [torch.cat([past[0], as_uint8(rows[k][0])]) for k in rows],
-                scale=max(1, 128 // past.shape[-1]))
+                scale=max(1, 128 // past.shape[-1]), labels=[{"truth": "truth", "correct": "true actions", "shuffled": "other actions"}[k] for k in rows],
+                history=past.shape[1])
     if cfg.keys is not None:
         keys = parse_keys(cfg.keys).to(raw_camera.c2w.device)
         if len(keys) != truth.shape[1]:  # validation checks this; a recipe built by hand may not be validated
