@@ -335,12 +335,35 @@ def test_report_shows_the_distilled_generator_beside_its_teacher(tmp_path):
 
 
 # ---------------------------------------------------------------- 12: --log-with tensorboard
-def test_log_with_tensorboard_is_an_option_and_says_what_it_needs(tmp_path):
+def test_log_with_tensorboard_is_an_option_and_says_what_it_needs(tmp_path, monkeypatch):
     import importlib.util
 
     assert "--log-with" in cli("run", "--help").stdout
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        pytest.skip("tensorboard is installed")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",  # as on a machine without tensorboard
+                        lambda name, *a: None if name.startswith("tensorboard") else real(name, *a))
     result = cli("run", QUICKSTART, "--log-with", "tensorboard", "--set", f"run_dir={tmp_path / 'run'}")
     assert result.exit_code == 2 and "pip install 'biwm-core[tensorboard]'" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_log_with_tensorboard_records_losses_grad_norms_and_the_sample_strip(tmp_path):
+    pytest.importorskip("tensorboard")  # a test extra: biwm-core[test]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    stages = ("stages=[{stage: finetune, steps: 4, batch_size: 2, log_every: 2}, {stage: evaluate, trajectories: 2, "
+              "chunks: 1, steps: 2, dynamics_scenes: 0, shuffled_baseline: false}]")
+    result = cli("run", QUICKSTART, "--log-with", "tensorboard", "--set", f"run_dir={tmp_path / 'run'}",
+                 "--set", "data.train_clips=4", "--set", stages)
+    assert result.exit_code == 0, result.output[-2000:]
+    logs = list((tmp_path / "run" / "logs").glob("*/events.out.tfevents.*"))
+    assert len(logs) == 1
+    events = EventAccumulator(str(logs[0].parent), size_guidance={"images": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in ("finetune/loss", "finetune/lr", "finetune/grad_norm", "evaluate/psnr", "evaluate/idm_accuracy"):
+        assert tag in scalars
+    assert [e.step for e in events.Scalars("finetune/loss")] == [2, 4]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["stages"]
+    assert events.Scalars("evaluate/psnr")[0].value == pytest.approx(metrics["evaluate"]["psnr"], rel=1e-5)
+    assert events.Tags()["images"] == ["evaluate/samples"]

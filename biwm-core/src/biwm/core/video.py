@@ -37,6 +37,14 @@ def write_mp4(path: Path, frames: Tensor, fps: int = 8, scale: int = 1) -> None:
             writer.append_data(frame)
 
 
+def strip_grid(rows: list[Tensor], every: int = 1, scale: int = 1) -> np.ndarray:
+    """The frames of ``rows`` (videos [T, 3, H, W]) as one uint8 image [H', W', 3]: a row per video,
+    every ``every``-th frame, nearest-neighbour upscaled by ``scale``."""
+    arrs = [to_uint8(r)[::every] for r in rows]
+    grid = np.concatenate([np.concatenate(list(a), axis=1) for a in arrs], axis=0)
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
 def write_strip(path: Path, rows: list[Tensor], every: int = 1, scale: int = 1, labels: list[str] | None = None,
                 first_frame: int = 0, history: int | None = None) -> None:
     """One row per video ([T, 3, H, W]), every ``every``-th frame, as a PNG grid (nearest-neighbour
@@ -46,8 +54,7 @@ def write_strip(path: Path, rows: list[Tensor], every: int = 1, scale: int = 1, 
     from PIL import ImageDraw
 
     arrs = [to_uint8(r)[::every] for r in rows]
-    grid = np.concatenate([np.concatenate(list(a), axis=1) for a in arrs], axis=0)
-    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    grid = strip_grid(rows, every, scale)
     if labels is not None:
         if len(labels) != len(rows):
             raise ValueError(f"write_strip: {len(labels)} labels for {len(rows)} rows")

@@ -145,13 +145,15 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
         f"{metrics[f'psnr_chunk{cfg.chunks}']:.2f} dB" + (f"; dynamics {metrics['dynamics']:.2f}, diversity "
                                                            f"{metrics['diversity']:.4f}" if metrics.get("dynamics") is not None else ""),
         highlight=False)
+    strip = [torch.cat([data.frames[0, :h_video], truth[0]]), torch.cat([data.frames[0, :h_video], as_uint8(correct[0])])]
     if cfg.write_report:
         from biwm.core.report import write_report
 
-        write_report(stage_dir, metrics, title=f"{recipe.name}: evaluation",
-                     strip=[torch.cat([data.frames[0, :h_video], truth[0]]),
-                            torch.cat([data.frames[0, :h_video], as_uint8(correct[0])])],
-                     strip_every=per_chunk)
+        write_report(stage_dir, metrics, title=f"{recipe.name}: evaluation", strip=strip, strip_every=per_chunk)
+    from biwm.core.video import strip_grid
+
+    ctx.log({"evaluate/psnr": metrics["psnr"], "evaluate/idm_accuracy": metrics["idm_accuracy"],
+             "evaluate/samples": strip_grid(strip, per_chunk, max(1, 96 // strip[0].shape[-1]))}, step=0)
     return metrics
 
 

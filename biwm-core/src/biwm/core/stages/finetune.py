@@ -219,7 +219,7 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
             loss = finetune_loss(forward, cfg, x0, history, camera, text, null_text, noise_generator,
                                  recipe.model.attention)
             acc.backward(loss)
-            acc.clip_grad_norm_(params, cfg.grad_clip)
+            grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
@@ -230,7 +230,9 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
                 read_losses()
                 recent = losses[-cfg.log_every:]
                 update(advance=step - shown, loss=sum(recent) / len(recent), lr=cfg.lr_at(step - 1))
-                ctx.log({"finetune/loss": sum(recent) / len(recent), "finetune/lr": cfg.lr_at(step - 1)}, step=step)
+                if getattr(ctx, "log_with", None):  # the grad norm read costs a sync: only for a tracker, once per log_every steps
+                    ctx.log({"finetune/loss": sum(recent) / len(recent), "finetune/lr": cfg.lr_at(step - 1),
+                             "finetune/grad_norm": float(grad_norm)}, step=step)
                 shown = step
             if step % cfg.checkpoint_every == 0 and step < cfg.steps and acc.is_main_process:
                 read_losses()
