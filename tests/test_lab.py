@@ -127,3 +127,31 @@ def test_strip_labels_rows_and_columns(tmp_path):
     with pytest.raises(ValueError, match="1 labels for 2 rows"):
         write_strip(tmp_path / "bad.png", rows, labels=["truth"])
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_rollout_session_one_chunk_at_a_time_equals_the_whole_rollout():
+    from biwm.core.rollout import rollout
+    from biwm.core.sampling import RolloutSession, Sampler, student_sigmas
+    from test_model import activate_controls, random_camera, tiny_world
+
+    world = tiny_world()
+    activate_controls(world, 0.05)
+    text = world.backbone.encode_text(["", ""])
+    null = world.backbone.encode_text([""])
+    history = torch.randn(2, 48, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    camera = random_camera(2, 2 + 3 * 2, seed=1)
+    for sampler in (Sampler(3, 3.0, 2.0), Sampler(2, 5.0, student=True)):
+        whole = rollout(world, text, null, history, camera, 3, 2, sampler.steps, sampler.shift, sampler.cfg_scale,
+                        torch.Generator().manual_seed(0),
+                        student_sigmas=student_sigmas(2, 5.0) if sampler.student else None)
+        session = RolloutSession(world, text, null, history, sampler, camera.frames(slice(0, 2)),
+                                 torch.Generator().manual_seed(0), chunk_frames=2)
+        pieces = [session.step(camera.frames(slice(2 + 2 * c, 4 + 2 * c))) for c in range(3)]
+        assert torch.equal(torch.cat(pieces, 2), whole)
+        assert session.frames == 8 and torch.equal(session.history[:, :, 2:], whole)
+    with pytest.raises(ValueError, match="the chunk's camera has 4 video frames, expected 2"):
+        session.step(camera.frames(slice(0, 4)))
+    with pytest.raises(ValueError, match="give a camera exactly when"):
+        session.step(None)
+    with pytest.raises(ValueError, match="covers 3 video frames, the history 2 latent frames"):
+        RolloutSession(world, text, null, history, Sampler(), camera.frames(slice(0, 3)))

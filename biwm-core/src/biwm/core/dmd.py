@@ -22,38 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from biwm.core.camera import CameraTrack
-from biwm.core.rollout import guided_velocity
-from biwm.core.schedule import add_noise, predict_x0, shift_sigma, training_sigmas, velocity_target
+from biwm.core.sampling import few_step_chunk, guided_velocity, student_sigmas  # noqa: F401 (re-exported)
+from biwm.core.schedule import add_noise, predict_x0, training_sigmas, velocity_target
 from biwm.core.window import Window, WorldModel
-
-
-def student_sigmas(steps: int, shift: float, device: torch.device | str = "cpu") -> Tensor:
-    """The student's sigmas, ``steps`` of them from 1 down plus a final 0: t = 1000, 750, 500, 250
-    warped by shift 5 gives 1000, 937.5, 833.3, 625."""
-    return torch.cat([shift_sigma(torch.linspace(1.0, 0.0, steps + 1, device=device)[:-1], shift),
-                      torch.zeros(1, device=device)])
-
-
-def few_step_chunk(world: WorldModel, window: Window, sigmas: Tensor, noise: Callable[[], Tensor],
-                   exit_step: int | None = None) -> Tensor:
-    """Denoise ``window``'s chunk from pure noise with the student's steps and return x̂0.
-
-    ``exit_step`` (backward simulation) stops after that step; only it runs with grad (when grad is
-    enabled at all). None runs every step without grad, as at inference."""
-    steps = len(sigmas) - 1
-    last = steps - 1 if exit_step is None else exit_step
-    if not 0 <= last < steps:
-        raise ValueError(f"exit_step {exit_step} outside the {steps} student steps")
-    want_grad = torch.is_grad_enabled() and exit_step is not None
-    x = noise()
-    batch = x.shape[0]
-    for i in range(last + 1):
-        with torch.set_grad_enabled(want_grad and i == last):
-            v = world(window.with_chunk(x, sigmas[i].expand(batch) * 1000))
-            x0 = predict_x0(x, v.to(x.dtype), sigmas[i])
-        if i < last:
-            x = add_noise(x0.detach(), noise(), sigmas[i + 1].expand(batch))
-    return x0
 
 
 @dataclass

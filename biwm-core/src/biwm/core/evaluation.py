@@ -12,7 +12,6 @@ history:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -20,33 +19,13 @@ from torch import Tensor
 
 from biwm.core.camera import CameraTrack, actions_to_poses
 from biwm.core.data import encode_clips, latent_aligned_camera, video_frames_for
-from biwm.core.dmd import student_sigmas
 from biwm.core.idm import InverseDynamicsModel, action_accuracy, evaluate_idm
 from biwm.core.metrics import diversity, finite_mean, motion, per_chunk, pose_errors, psnr, psnr_per_chunk, ssim
 from biwm.core.rollout import rollout
+from biwm.core.sampling import Sampler, student_sigmas  # noqa: F401 (Sampler: re-exported)
 from biwm.core.toyworld import ToyClips, ToyWorldConfig, render_clips, split_seeds
 from biwm.core.video import as_uint8
 from biwm.core.window import WorldModel
-
-
-@dataclass
-class Sampler:
-    """How each chunk is denoised: Euler on the flow-matching ODE with optional CFG, or (``student``)
-    a distilled generator's few steps, re-noising x̂0 in between, without CFG."""
-
-    steps: int = 20
-    shift: float = 3.0
-    cfg_scale: float = 1.0
-    student: bool = False
-
-    @property
-    def nfe_per_chunk(self) -> int:
-        return self.steps * (2 if self.cfg_scale != 1.0 and not self.student else 1)
-
-    def describe(self) -> str:
-        if self.student:
-            return f"distilled generator, {self.steps} steps (shift {self.shift}), no CFG"
-        return f"{self.steps} Euler steps (shift {self.shift}), CFG {self.cfg_scale}"
 
 
 def shuffled_camera(camera: CameraTrack, history_video_frames: int, config: ToyWorldConfig) -> CameraTrack:
