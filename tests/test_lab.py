@@ -155,3 +155,49 @@ def test_rollout_session_one_chunk_at_a_time_equals_the_whole_rollout():
         session.step(None)
     with pytest.raises(ValueError, match="covers 3 video frames, the history 2 latent frames"):
         RolloutSession(world, text, null, history, Sampler(), camera.frames(slice(0, 3)))
+
+
+def test_a_model_file_alone_loads_and_evaluates_through_its_card(tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    import biwm.core as biwm
+    from biwm.core.cli import app
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import RunNotFound, find_run, run_recipe
+    from biwm.core.sampling import RolloutSession
+    from biwm.core.stages.common import read_card
+    from conftest import tiny_recipe
+
+    data = tiny_recipe(tmp_path / "run")
+    data["stages"] = data["stages"][:1]
+    run_recipe(validate_recipe(data))
+    alone = tmp_path / "shipped"
+    alone.mkdir()
+    shutil.copy(tmp_path / "run" / "finetune" / "model.safetensors", alone / "model.safetensors")
+    card = read_card(alone / "model.safetensors")
+    assert card["stage"] == "finetune" and card["model"]["backbone"]["options"]["overrides"] == {"num_layers": 2}
+
+    world, sampler = biwm.load(alone)
+    assert sampler.steps == 20 and not sampler.student and not world.training
+    trained = biwm.load(tmp_path / "run")[0]  # the same model through its run's recipe.yaml
+    for (name, a), (_, b) in zip(world.state_dict().items(), trained.state_dict().items()):
+        assert torch.equal(a, b), name
+    text = world.backbone.encode_text(["", ""])
+    session = RolloutSession(world, text, world.backbone.encode_text([""]), torch.zeros(2, 48, 0, 8, 8),
+                             type(sampler)(2, 3.0), None, chunk_frames=2)
+    assert session.step().shape == (2, 48, 2, 8, 8)
+
+    result = CliRunner().invoke(app, ["eval", str(alone / "model.safetensors"), "--set", "evaluate.trajectories=2",
+                                      "--set", "evaluate.chunks=1", "--set", "evaluate.steps=2",
+                                      "--set", "evaluate.history_frames=2", "--set", "evaluate.chunk_frames=2",
+                                      "--set", "evaluate.dynamics_scenes=0", "--set", "evaluate.idm_steps=1"])
+    assert result.exit_code == 0, result.output[-2000:]
+    assert "psnr_per_chunk" in __import__("json").loads((alone / "eval" / "metrics.json").read_text())
+
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(alone / "model.safetensors")), str(tmp_path / "bare.safetensors"))  # no card
+    with pytest.raises(RunNotFound, match="no recipe.yaml"):
+        find_run(tmp_path / "bare.safetensors")

@@ -311,6 +311,11 @@ def find_run(target: Path) -> tuple[Path, Path]:
     if weights is None and (target / "model.safetensors").is_file():
         weights = target / "model.safetensors"
     run_dir = next((p for p in [target, *target.parents][:5] if (p / "recipe.yaml").is_file()), None)
+    if run_dir is None and weights is not None and weights.suffix == ".safetensors":
+        from biwm.core.stages.common import read_card
+
+        if read_card(weights) is not None:  # a self-describing model file: its card is its recipe
+            return weights.parent, weights
     if run_dir is None:
         raise RunNotFound(f"{target}: no recipe.yaml in it or in the folders above it; expected a folder written by "
                           "biwm run (or a model.safetensors inside one)")
@@ -331,7 +336,13 @@ def evaluation_recipe_data(run_dir: Path, weights: Path) -> dict[str, Any]:
     """The run's recipe (unvalidated, for ``--set`` overrides) reduced to one ``evaluate`` stage of
     ``weights``: the run's own evaluate settings if it had any."""
     from biwm.core.recipe import load_recipe_data
+    from biwm.core.stages.common import read_card, recipe_data_from_card
 
+    if not (run_dir / "recipe.yaml").is_file():
+        card = read_card(weights)
+        if card is None:
+            raise RunNotFound(f"{weights}: no recipe.yaml beside or above it, and no model card in it")
+        return recipe_data_from_card(card, run_dir, weights)
     data = load_recipe_data(run_dir / "recipe.yaml")
     old = [s for s in data.get("stages", []) if isinstance(s, dict) and s.get("stage") == "evaluate"]
     data["stages"] = [{**(old[-1] if old else {"stage": "evaluate"}), "init": str(Path(weights).resolve())}]

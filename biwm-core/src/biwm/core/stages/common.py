@@ -94,3 +94,40 @@ def sampler_for(ctx: "RunContext", init: Path | None, steps: int, shift: float, 
         sampler = Sampler(steps, shift, cfg_scale)
     ctx.console.print(f"sampling: {sampler.describe()}")
     return sampler
+
+
+CARD_KEY = "biwm_card"  # safetensors metadata key of a model's card (JSON)
+
+
+def model_card(ctx: "RunContext", stage: str, sampler: dict | None = None) -> dict[str, str]:
+    """Metadata that makes a model file self-describing: the model (backbone with its options,
+    controls, compressor, attention), the data it was trained on and how to sample it. ``biwm.core.load``
+    and ``biwm eval FILE`` read it when no run's recipe.yaml is around."""
+    import json
+
+    snapshot = ctx.recipe.snapshot()
+    card = {"format": 1, "name": snapshot["name"], "stage": stage, "model": snapshot["model"],
+            "data": snapshot["data"], "sampler": sampler or {}}
+    return {CARD_KEY: json.dumps(card, sort_keys=True)}
+
+
+def read_card(path: Path) -> dict | None:
+    """The card of a model file, or None for a file saved without one. CorruptFileError names the file."""
+    import json
+
+    raw = read_metadata(Path(path), "model file").get(CARD_KEY)
+    if raw is None:
+        return None
+    try:
+        card = json.loads(raw)
+    except ValueError:
+        card = None
+    if not isinstance(card, dict) or not {"model", "data"} <= set(card):
+        raise CorruptFileError(f"{path}: its model card ({CARD_KEY} metadata) is not a BiWM model card")
+    return card
+
+
+def recipe_data_from_card(card: dict, run_dir: Path, weights: Path) -> dict:
+    """An unvalidated recipe (for ``--set`` overrides) that evaluates ``weights`` as its card describes."""
+    return {"name": card.get("name", "model"), "run_dir": str(run_dir), "data": card["data"], "model": card["model"],
+            "stages": [{"stage": "evaluate", "init": str(Path(weights).resolve())}]}

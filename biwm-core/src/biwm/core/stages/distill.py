@@ -194,7 +194,7 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
     from biwm.core.dmd import student_sigmas
     from biwm.core.plugins import get_plugin_manager
     from biwm.core.runner import progress_bar
-    from biwm.core.stages.common import load_world_model, text_embeddings
+    from biwm.core.stages.common import load_world_model, model_card, text_embeddings
 
     recipe = ctx.recipe
     device = ctx.device
@@ -264,8 +264,9 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
     model_file = stage_dir / "model.safetensors"
     # the teacher relative to the model file, so a run folder that moves keeps its teacher
     teacher = os.path.relpath(Path(teacher_weights).resolve(), model_file.parent.resolve()) if teacher_weights else ""
+    card = model_card(ctx, "distill", {"steps": cfg.student_steps, "shift": cfg.student_shift, "student": True})
     save_weights(model_file, final, {"stage": "distill", "student_steps": str(cfg.student_steps),
-                                     "student_shift": str(cfg.student_shift), "teacher": teacher})
+                                     "student_shift": str(cfg.student_shift), "teacher": teacher, **card})
     return {"distill_iterations": it, **counts,
             "distill_generator_loss_last": history_g[-1] if history_g else None,
             "distill_critic_loss_last": sum(history_c[-10:]) / max(1, len(history_c[-10:])) if history_c else None,

@@ -147,7 +147,7 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     from biwm.core.data import toyworld_latents
     from biwm.core.ema import ModelEMA
     from biwm.core.runner import progress_bar
-    from biwm.core.stages.common import load_world_model, text_embeddings
+    from biwm.core.stages.common import load_world_model, model_card, text_embeddings
 
     recipe = ctx.recipe
     acc = ctx.accelerator
@@ -245,7 +245,7 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
         final = ema.modules_by_name() if ema is not None else model.trainable_modules()
         if not all(bool(torch.isfinite(p).all()) for m in final.values() for p in m.parameters()):
             raise FloatingPointError(f"finetune weights hold NaN or inf after step {step}; {_blame(cfg)}")
-        save_weights(stage_dir / "model.safetensors", final, {"stage": "finetune"})
+        save_weights(stage_dir / "model.safetensors", final, {"stage": "finetune", **model_card(ctx, "finetune")})
     head = losses[: max(1, len(losses) // 10)]
     tail = losses[-max(1, len(losses) // 10):]
     return {"finetune_steps": step, "finetune_loss_first": sum(head) / len(head) if head else None,
