@@ -36,7 +36,7 @@ def build(preset: str, device: torch.device, clips: int, frames: int):
     from biwm.core.data import toyworld_latents
     from biwm.core.recipe import validate_recipe
     from biwm.core.runner import RunContext
-    from biwm.core.stages.common import load_world_model, text_embeddings
+    from biwm.core.stages.common import load_world_model
 
     recipe = validate_recipe({
         "name": "train-lab-bench", "run_dir": "/tmp/train-lab-bench",
@@ -47,14 +47,15 @@ def build(preset: str, device: torch.device, clips: int, frames: int):
     ctx = RunContext(recipe=recipe, run_dir=Path("/tmp/train-lab-bench"))
     world = load_world_model(ctx).to(device)
     data = toyworld_latents("train", clips, frames, recipe.data.toyworld, world.backbone, None, "bench", device=device)
-    return recipe, world, data, text_embeddings
+    return world, data
 
 
 def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
+    from biwm.core.stages.common import text_embeddings
     from biwm.core.stages.finetune import FinetuneConfig, finetune_loss, make_optimizer, sample_batch
 
     torch.manual_seed(0)
-    recipe, world, data, text_embeddings = build(preset, device, args.clips, args.frames)
+    world, data = build(preset, device, args.clips, args.frames)
     cfg = FinetuneConfig(batch_size=args.batch, max_history=8, precision="bf16" if variant == "bf16" else "fp32")
     text, null = text_embeddings(world, "", args.batch, device)
     if variant != "before":

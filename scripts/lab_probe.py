@@ -6,11 +6,12 @@ no dynamics), for comparing training arms:
 
 A sampler is STEPS:CFG. Writes PREFIX.json and PREFIX.png.
 """
-import argparse, json, sys, time
+import argparse, json, time
 from pathlib import Path
 import torch
 from biwm.core.data import toyworld_latents, video_frames_for
-from biwm.core.evaluation import Sampler, quality_scores, rollout_video, sharpness
+from biwm.core.evaluation import Sampler, quality_scores, rollout_video
+from biwm.core.metrics import sharpness
 from biwm.core.recipe import load_recipe
 from biwm.core.runner import RunContext
 from biwm.core.stages.common import load_world_model, text_embeddings
@@ -56,7 +57,7 @@ from PIL import Image
 spec0 = a.samplers.split(",")[0]
 v = videos[spec0]
 rows = []
-for i in range(4):
+for i in range(min(4, a.n)):
     t = torch.cat([data.frames[i, :hv].float().div(127.5).sub(1), truth[i, :12]], 0)
     g = torch.cat([data.frames[i, :hv].float().div(127.5).sub(1), v[i, :12]], 0)
     rows += [t, g]

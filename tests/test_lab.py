@@ -1,7 +1,6 @@
 """The toy lab's training and scoring pieces: anti-aliased rendering, EMA, the learning-rate
 schedule, float32 camera geometry under autocast, sharpness and per-chunk camera following."""
 
-import math
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from torch import nn
 
 from biwm.core.camera import camera_rays, default_intrinsics, plucker_rays, pose_from_yaw_pitch
 from biwm.core.ema import ModelEMA
-from biwm.core.evaluation import sharpness
+from biwm.core.metrics import sharpness
 from biwm.core.idm import idm_key
 from biwm.core.toyworld import ToyWorldConfig, render_clips
 
@@ -201,3 +200,29 @@ def test_a_model_file_alone_loads_and_evaluates_through_its_card(tmp_path):
     save_file(load_file(str(alone / "model.safetensors")), str(tmp_path / "bare.safetensors"))  # no card
     with pytest.raises(RunNotFound, match="no recipe.yaml"):
         find_run(tmp_path / "bare.safetensors")
+
+
+def test_toy_lab_report_keeps_the_issue_keys_and_names_a_file_without_them(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    keys = ["trajectories", "psnr_per_chunk", "copy_last_frame_psnr_per_chunk", "idm_accuracy", "idm_accuracy_last5",
+            "dynamics", "sharpness", "nfe_per_chunk", "sampler", "idm_accuracy_true_clips", "idm_chance"]
+    teacher = {k: i for i, k in enumerate(keys)} | {"psnr": 1.0}
+    (tmp_path / "t.json").write_text(json.dumps({"stages": {"evaluate": teacher}}))  # a run's merged metrics
+    (tmp_path / "s.json").write_text(json.dumps({k: 2 * i for i, k in enumerate(keys)}))  # a biwm eval's
+    script = [sys.executable, str(ROOT / "scripts" / "toy_lab_report.py")]
+    out = tmp_path / "toy_lab.json"
+    done = subprocess.run(script + [str(tmp_path / "t.json"), str(tmp_path / "s.json"), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(out.read_text())
+    assert doc == {"teacher": {k: i for i, k in enumerate(keys)}, "student": {k: 2 * i for i, k in enumerate(keys)}}
+    (tmp_path / "bad.json").write_text(json.dumps({"psnr": 1.0}))
+    failed = subprocess.run(script + [str(tmp_path / "bad.json"), str(tmp_path / "s.json"), "--out",
+                                      str(tmp_path / "x.json")], capture_output=True, text=True)
+    assert failed.returncode != 0 and "bad.json: not an evaluation" in failed.stderr
+    assert not (tmp_path / "x.json").exists()

@@ -20,7 +20,8 @@ from torch import Tensor
 from biwm.core.camera import CameraTrack, actions_to_poses
 from biwm.core.data import encode_clips, latent_aligned_camera, video_frames_for
 from biwm.core.idm import InverseDynamicsModel, action_accuracy, evaluate_idm
-from biwm.core.metrics import diversity, finite_mean, motion, per_chunk, pose_errors, psnr, psnr_per_chunk, ssim
+from biwm.core.metrics import (diversity, finite_mean, motion, per_chunk, pose_errors, psnr, psnr_per_chunk,
+                                sharpness, ssim)
 from biwm.core.rollout import rollout
 from biwm.core.sampling import Sampler, student_sigmas  # noqa: F401 (Sampler: re-exported)
 from biwm.core.toyworld import ToyClips, ToyWorldConfig, render_clips, split_seeds
@@ -62,22 +63,6 @@ def rollout_video(world: WorldModel, text: Tensor, null_text: Tensor, history: T
             chunk_frames, sampler.steps, sampler.shift, sampler.cfg_scale, generator, attention, on_chunk=decoded,
             student_sigmas=student_sigmas(sampler.steps, sampler.shift) if sampler.student else None)
     return torch.cat(pieces, dim=2).transpose(1, 2)
-
-
-def high_frequency_energy(video: Tensor) -> Tensor:
-    """Mean squared response of the 3x3 Laplacian over frames [..., 3, H, W] (pixel values in [0, 1])."""
-    from biwm.core.metrics import _unit
-
-    x = _unit(video).flatten(0, -4)
-    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=x.device)
-    response = torch.nn.functional.conv2d(x, kernel.expand(3, 1, 3, 3), groups=3)
-    return response.pow(2).mean()
-
-
-def sharpness(generated: Tensor, truth: Tensor) -> float:
-    """High-frequency energy of the generated frames over that of the true ones: 1 is as sharp as
-    the world, below 1 blurry (a model averaging its options), above 1 noisy or over-sharpened."""
-    return float(high_frequency_energy(generated) / high_frequency_energy(truth).clamp_min(1e-12))
 
 
 def quality_scores(generated: Tensor, truth: Tensor, frames_per_chunk: int, prefix: str = "") -> dict[str, Any]:

@@ -76,6 +76,20 @@ def psnr_per_chunk(pred: Tensor, target: Tensor, frames_per_chunk: int) -> Tenso
     return 10 * torch.log10(1.0 / mse)
 
 
+def high_frequency_energy(video: Tensor) -> Tensor:
+    """Mean squared response of the 3x3 Laplacian over frames [..., 3, H, W] (pixel values in [0, 1])."""
+    x = _unit(video).flatten(0, -4)
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=x.device)
+    response = F.conv2d(x, kernel.expand(3, 1, 3, 3), groups=3)
+    return response.pow(2).mean()
+
+
+def sharpness(generated: Tensor, truth: Tensor) -> float:
+    """High-frequency energy of the generated frames over that of the true ones: 1 is as sharp as
+    the world, below 1 blurry (a model averaging its options), above 1 noisy or over-sharpened."""
+    return float(high_frequency_energy(generated) / high_frequency_energy(truth).clamp_min(1e-12))
+
+
 def motion(video: Tensor, threshold: float = 0.1) -> Tensor:
     """Fraction of pixels that change by more than ``threshold`` (largest channel change) between
     consecutive frames of [B, T, 3, H, W]: [B, T-1]. Under a still camera this is the motion of

@@ -104,9 +104,9 @@ class Sampler:
     @torch.no_grad()
     def sample_chunk(self, world: WorldModel, window: Window, null_text: Tensor,
                      generator: torch.Generator | None) -> Tensor:
-        """The clean latents of ``window``'s chunk (its ``chunk`` gives only the shape), from fresh
-        noise drawn from ``generator``."""
-        x = randn(window.chunk.shape, generator, window.chunk.device)
+        """The clean latents of ``window``'s chunk, denoised from the pure noise it holds; a student
+        draws its re-noising from ``generator``."""
+        x = window.chunk
         batch, device = x.shape[0], x.device
         if self.student:
             sigmas = self.student_schedule if self.student_schedule is not None else student_sigmas(
@@ -165,8 +165,8 @@ class RolloutSession:
                                       None if self.camera.actions is None else
                                       torch.cat([self.camera.actions, camera.actions], 1))
         b, c, _, h, w = self.history.shape
-        shape = torch.empty(b, c, k, h, w, device=self.history.device)  # the chunk's shape only
-        window = Window(text=self.text, chunk=shape, timestep=torch.zeros(b, device=shape.device),
+        noise = randn((b, c, k, h, w), self.generator, self.history.device)
+        window = Window(text=self.text, chunk=noise, timestep=torch.zeros(b, device=noise.device),
                         history=self.history, camera=self.camera, attention=self.attention)
         x = self.sampler.sample_chunk(self.world, window, self.null_text, self.generator)
         self.history = torch.cat([self.history, x], dim=2)

@@ -50,8 +50,8 @@ HELDOUT_SEED_START = 1_000_000_000
 _POLICY_SEED_OFFSET = 1 << 40
 _START_CANDIDATES = 64
 _RAYS_PER_CHUNK = 1 << 18  # bounds renderer memory to roughly 100 MB per chunk
-# On a GPU each chunk is a few dozen small kernels: bigger chunks (about 1.6 GB) keep it busy, which
-# matters with supersampling (16 rays per pixel at supersample 4).
+# On a GPU each chunk is a few dozen kernels, so fewer, bigger chunks (about 1.6 GB each) mean fewer
+# launches; supersampling multiplies the rays (16 per pixel at supersample 4). Not yet timed.
 _RAYS_PER_CHUNK_CUDA = 1 << 22
 _LIGHT = torch.tensor([0.35, -1.0, 0.25]) / math.sqrt(0.35**2 + 1.0 + 0.25**2)  # towards the light
 _AMBIENT, _DIFFUSE = 0.45, 0.6

@@ -46,27 +46,27 @@ def strip_grid(rows: list[Tensor], every: int = 1, scale: int = 1) -> np.ndarray
 
 
 def write_strip(path: Path, rows: list[Tensor], every: int = 1, scale: int = 1, labels: list[str] | None = None,
-                first_frame: int = 0, history: int | None = None) -> None:
+                history: int | None = None) -> None:
     """One row per video ([T, 3, H, W]), every ``every``-th frame, as a PNG grid (nearest-neighbour
     upscaled by ``scale`` so toy-sized frames are visible). With ``labels``, each row is named in a
-    margin on the left and each column by its frame number (``first_frame`` + index) on top; frames
-    before ``history`` are marked as the true history ("h")."""
+    margin on the left and each column by its frame number on top; frames before ``history`` are
+    marked as the true history ("h")."""
     from PIL import ImageDraw
 
-    arrs = [to_uint8(r)[::every] for r in rows]
+    if labels is not None and len(labels) != len(rows):
+        raise ValueError(f"write_strip: {len(labels)} labels for {len(rows)} rows")
     grid = strip_grid(rows, every, scale)
     if labels is not None:
-        if len(labels) != len(rows):
-            raise ValueError(f"write_strip: {len(labels)} labels for {len(rows)} rows")
-        row_h, col_w = grid.shape[0] // len(rows), grid.shape[1] // arrs[0].shape[0]
+        columns = len(range(0, rows[0].shape[0], every))
+        row_h, col_w = grid.shape[0] // len(rows), grid.shape[1] // columns
         left, top = 8 + 6 * max(len(t) for t in labels), 14
         canvas = Image.new("RGB", (grid.shape[1] + left, grid.shape[0] + top), "white")
         canvas.paste(Image.fromarray(grid), (left, top))
         draw = ImageDraw.Draw(canvas)
         for r, text in enumerate(labels):
             draw.text((4, top + r * row_h + row_h // 2 - 5), text, fill="black")
-        for c in range(arrs[0].shape[0]):
-            frame = first_frame + c * every
+        for c in range(columns):
+            frame = c * every
             mark = "h" if history is not None and frame < history else ""
             draw.text((left + c * col_w + 2, 2), f"{frame}{mark}", fill="black")
         grid = np.asarray(canvas)

@@ -150,10 +150,11 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
         from biwm.core.report import write_report
 
         write_report(stage_dir, metrics, title=f"{recipe.name}: evaluation", strip=strip, strip_every=per_chunk)
-    from biwm.core.video import strip_grid
+    if getattr(ctx, "log_with", None):  # the strip image is built only for a tracker
+        from biwm.core.video import strip_grid
 
-    ctx.log({"evaluate/psnr": metrics["psnr"], "evaluate/idm_accuracy": metrics["idm_accuracy"],
-             "evaluate/samples": strip_grid(strip, per_chunk, max(1, 96 // strip[0].shape[-1]))}, step=0)
+        ctx.log({"evaluate/psnr": metrics["psnr"], "evaluate/idm_accuracy": metrics["idm_accuracy"],
+                 "evaluate/samples": strip_grid(strip, per_chunk, max(1, 96 // strip[0].shape[-1]))}, step=0)
     return metrics
 
 
