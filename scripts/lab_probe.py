@@ -4,7 +4,7 @@ no dynamics), for comparing training arms:
 
     python scripts/lab_probe.py RUN_DIR [--weights FILE] [--n 32] [--chunks 10] [--samplers 20:1,50:1] --out PREFIX
 
-A sampler is STEPS:CFG. Writes PREFIX.json and PREFIX.png.
+A sampler is STEPS:CFG[:SHIFT] (shift default 3). Writes PREFIX.json and PREFIX.png.
 """
 import argparse, json, time
 from pathlib import Path
@@ -43,9 +43,10 @@ res["copy_last"] = [round(x, 2) for x in copy["psnr_per_chunk"]]
 print("copy-last", res["copy_last"], flush=True)
 videos = {}
 for spec in a.samplers.split(","):
-    steps, cfg = spec.split(":")
+    steps, cfg, shift = (spec.split(":") + ["3"])[:3]
     t0 = time.time()
-    v = rollout_video(world, text, null, hist, cam, a.chunks, K, Sampler(int(steps), 3.0, float(cfg)), 0, "bidirectional")
+    v = rollout_video(world, text, null, hist, cam, a.chunks, K, Sampler(int(steps), float(shift), float(cfg)), 0,
+                      "bidirectional")
     q = quality_scores(v, truth, K * tf)
     res[spec] = {"psnr_per_chunk": [round(x, 2) for x in q["psnr_per_chunk"]], "seconds": round(time.time() - t0, 1)}
     videos[spec] = v

@@ -205,6 +205,27 @@ def test_distill_stage_cadence_weights_and_student_sampling(tmp_path):
     assert "student_psnr" not in metrics  # one block per stage, no merged top-level keys that mix stages
 
 
+def test_distill_generator_init_starts_the_generator_from_another_model(tmp_path):
+    from safetensors.torch import save_file
+
+    run(tiny_recipe(tmp_path / "stage1", finetune={"steps": 2}) | {"stages": [tiny_recipe(tmp_path)["stages"][0]]})
+    teacher = tmp_path / "stage1" / "finetune" / "model.safetensors"
+    with safe_open(str(teacher), "pt") as f:
+        meta = f.metadata()
+    other = {k: v * 1.5 if v.is_floating_point() else v for k, v in load_file(str(teacher)).items()}
+    from biwm.core.checkpoint import DIGEST_KEY, save_tensors
+
+    save_tensors(other, tmp_path / "student.safetensors", {k: v for k, v in meta.items() if k != DIGEST_KEY})
+    recipe = distill_recipe(tmp_path / "run", steps=1, init=str(teacher), generator_lr=1e-12,
+                            generator_init=str(tmp_path / "student.safetensors"))
+    recipe["stages"] = recipe["stages"][1:]
+    run(recipe)
+    student = load_file(str(tmp_path / "run" / "distill" / "model.safetensors"))
+    moved = [k for k in student if student[k].is_floating_point() and other[k].abs().max() > 0]
+    assert moved and all(torch.allclose(student[k], other[k], atol=1e-6) for k in moved)
+    assert not all(torch.allclose(student[k], load_file(str(teacher))[k], atol=1e-6) for k in moved)
+
+
 def test_distill_with_a_lora_critic_runs(tmp_path):
     metrics = run(distill_recipe(tmp_path / "run", steps=2, critic="lora", lora_rank=2))
     assert metrics["stages"]["distill"]["critic_updates"] == 2

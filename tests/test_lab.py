@@ -202,6 +202,27 @@ def test_a_model_file_alone_loads_and_evaluates_through_its_card(tmp_path):
         find_run(tmp_path / "bare.safetensors")
 
 
+def test_a_teacher_card_carries_its_recipes_evaluate_sampler(tmp_path):
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import RunContext
+    from biwm.core.stages.common import model_card, recipe_data_from_card
+    from conftest import tiny_recipe
+
+    data = tiny_recipe(tmp_path / "run")
+    data["stages"] = [data["stages"][0], {"stage": "evaluate", "steps": 7, "shift": 1.5, "cfg_scale": 2.0}]
+    ctx = RunContext(validate_recipe(data), tmp_path / "run")
+    card = __import__("json").loads(next(iter(model_card(ctx, "finetune").values())))
+    assert card["sampler"] == {"steps": 7, "shift": 1.5, "cfg_scale": 2.0}
+    evaluate = recipe_data_from_card(card, tmp_path, tmp_path / "m.safetensors")["stages"][0]
+    assert (evaluate["steps"], evaluate["shift"], evaluate["cfg_scale"]) == (7, 1.5, 2.0)
+    student = {**card, "sampler": {"steps": 4, "shift": 5.0, "student": True}}
+    assert "shift" not in recipe_data_from_card(student, tmp_path, tmp_path / "m.safetensors")["stages"][0]
+    data["stages"] = data["stages"][:1]
+    no_evaluate = __import__("json").loads(next(iter(model_card(RunContext(validate_recipe(data), tmp_path / "r"),
+                                                                "finetune").values())))
+    assert no_evaluate["sampler"] == {}
+
+
 def test_toy_lab_report_keeps_the_issue_keys_and_names_a_file_without_them(tmp_path):
     import json
     import subprocess
@@ -226,3 +247,30 @@ def test_toy_lab_report_keeps_the_issue_keys_and_names_a_file_without_them(tmp_p
                                       str(tmp_path / "x.json")], capture_output=True, text=True)
     assert failed.returncode != 0 and "bad.json: not an evaluation" in failed.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_ship_model_halves_the_file_and_keeps_a_loadable_card(tmp_path):
+    import subprocess
+    import sys
+
+    import biwm.core as biwm
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import run_recipe
+    from conftest import ROOT, tiny_recipe
+
+    data = tiny_recipe(tmp_path / "run")
+    data["stages"] = data["stages"][:1]
+    run_recipe(validate_recipe(data))
+    src = tmp_path / "run" / "finetune" / "model.safetensors"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "ship_model.py"), str(src), str(tmp_path / "ship"),
+                           "--teacher", str(src)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    shipped = tmp_path / "ship" / "model.safetensors"
+    assert shipped.stat().st_size < 0.6 * src.stat().st_size
+    world, _ = biwm.load(shipped)
+    original, _ = biwm.load(src)
+    for (name, a), (_, b) in zip(world.state_dict().items(), original.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b.to(torch.bfloat16).to(b.dtype)), name
+    from biwm.core.checkpoint import read_metadata
+
+    assert read_metadata(shipped)["teacher"] == "../run/finetune/model.safetensors"

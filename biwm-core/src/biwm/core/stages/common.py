@@ -106,8 +106,12 @@ def model_card(ctx: "RunContext", stage: str, sampler: dict | None = None) -> di
     import json
 
     snapshot = ctx.recipe.snapshot()
+    if sampler is None:  # a teacher samples as its recipe's (last) evaluate stage says, when it has one
+        evaluate = [s for s in ctx.recipe.stages if getattr(s, "stage", None) == "evaluate"]
+        sampler = ({"steps": evaluate[-1].steps, "shift": evaluate[-1].shift, "cfg_scale": evaluate[-1].cfg_scale}
+                   if evaluate else {})
     card = {"format": 1, "name": snapshot["name"], "stage": stage, "model": snapshot["model"],
-            "data": snapshot["data"], "sampler": sampler or {}}
+            "data": snapshot["data"], "sampler": sampler}
     return {CARD_KEY: json.dumps(card, sort_keys=True)}
 
 
@@ -129,5 +133,9 @@ def read_card(path: Path) -> dict | None:
 
 def recipe_data_from_card(card: dict, run_dir: Path, weights: Path) -> dict:
     """An unvalidated recipe (for ``--set`` overrides) that evaluates ``weights`` as its card describes."""
+    sampler = card.get("sampler") or {}
+    evaluate = {"stage": "evaluate", "init": str(Path(weights).resolve())}
+    if not sampler.get("student"):  # a distilled generator's own steps come from its metadata (sampler_for)
+        evaluate.update({k: sampler[k] for k in ("steps", "shift", "cfg_scale") if k in sampler})
     return {"name": card.get("name", "model"), "run_dir": str(run_dir), "data": card["data"], "model": card["model"],
-            "stages": [{"stage": "evaluate", "init": str(Path(weights).resolve())}]}
+            "stages": [evaluate]}

@@ -56,6 +56,9 @@ class DistillConfig(Strict):
     losses: list[PluginRef] = Field(default_factory=lambda: [PluginRef(name="dmd")], min_length=1)
     checkpoint_every: int = Field(50, ge=1)
     init: InputFile | None = Field(None, description="start from this biwm model.safetensors (default: previous stage)")
+    generator_init: InputFile | None = Field(
+        None, description="start the generator from this model.safetensors (e.g. a distilled student, to go on "
+                          "distilling it) instead of the teacher; the teacher and critic still start from init")
 
     def check(self, recipe) -> list[str]:
         from biwm.core.plugins import UnknownPluginError, get_plugin_manager
@@ -83,13 +86,15 @@ class Distiller:
     loops over and ``benchmarks/train.py`` times)."""
 
     def __init__(self, cfg: DistillConfig, load: Callable[[bool], WorldModel],
-                 make_losses: Callable[[object], list], device: torch.device, attention: str = "bidirectional"):
+                 make_losses: Callable[[object], list], device: torch.device, attention: str = "bidirectional",
+                 load_generator: Callable[[bool], WorldModel] | None = None):
         """``load(report)`` builds a world model with the stage-1 weights; ``make_losses(backbone)``
-        the stage's losses, given the critic's backbone."""
+        the stage's losses, given the critic's backbone; ``load_generator`` the generator's start
+        (default: ``load``, the teacher's weights)."""
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         self.cfg, self.attention = cfg, attention
-        self.generator = load(True).to(device).train()
+        self.generator = (load_generator or load)(True).to(device).train()
         self.teacher = load(False).to(device).eval().requires_grad_(False)
         self.teacher_context: Callable = nullcontext
         if cfg.critic == "lora":
@@ -207,8 +212,13 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
         return [pm.get("loss", ref.name).create(recipe.resolved[f"stages[{index}].losses[{i}]"], backbone=backbone)
                 for i, ref in enumerate(cfg.losses)]
 
+    load_generator = None
+    if cfg.generator_init is not None:
+        def load_generator(report: bool):
+            return load_world_model(ctx, init=cfg.generator_init, strict=False, report=report)
+
     nets = Distiller(cfg, lambda report: load_world_model(ctx, init=cfg.init, strict=strict, report=report),
-                     make_losses, device, recipe.model.attention)
+                     make_losses, device, recipe.model.attention, load_generator)
 
     tf = nets.generator.backbone.temporal_factor
     latent_frames = 1 + (recipe.data.frames - 1) // tf

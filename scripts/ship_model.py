@@ -1,0 +1,51 @@
+"""Make a model file fit to ship in the repository: its tensors in bfloat16 (half the size), its model
+card kept or, for a file saved without one (an EMA taken from a checkpoint), written from a recipe,
+and a student's teacher path set relative to where it will live.
+
+    python scripts/ship_model.py SRC.safetensors DST_DIR [--recipe RECIPE.yaml] [--teacher PATH]
+
+Writes DST_DIR/model.safetensors (through a temporary name) with a fresh checksum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", type=Path)
+    ap.add_argument("dst", type=Path, help="folder to write model.safetensors into")
+    ap.add_argument("--recipe", type=Path, help="recipe that made SRC, for a card when SRC has none")
+    ap.add_argument("--teacher", type=Path, help="a student's teacher model file (stored relative to DST)")
+    args = ap.parse_args()
+
+    from biwm.core.checkpoint import DIGEST_KEY, atomic_save_tensors, load_tensors, read_metadata
+    from biwm.core.stages.common import CARD_KEY
+
+    meta = {k: v for k, v in read_metadata(args.src, "model file").items() if k != DIGEST_KEY}
+    tensors = load_tensors(args.src, "model file")
+    if CARD_KEY not in meta:
+        if args.recipe is None:
+            raise SystemExit(f"{args.src}: no model card in it; pass --recipe with the recipe that trained it")
+        from biwm.core.recipe import load_recipe
+        from biwm.core.runner import RunContext
+        from biwm.core.stages.common import model_card
+
+        recipe = load_recipe(args.recipe, [])
+        meta.update({"stage": "finetune", **model_card(RunContext(recipe, Path(args.dst)), "finetune")})
+    if args.teacher is not None:
+        meta["teacher"] = os.path.relpath(args.teacher.resolve(), args.dst.resolve())
+    args.dst.mkdir(parents=True, exist_ok=True)
+    out = args.dst / "model.safetensors"
+    atomic_save_tensors({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()},
+                        out, meta)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, bfloat16)")
+
+
+if __name__ == "__main__":
+    main()
