@@ -1,8 +1,8 @@
 """Toy-lab probe: per-chunk PSNR of rollouts against copy-last-frame, for several samplers, with the
-sharpness of each and a strip PNG (rows: truth, sample; 4 clips). Quicker than ``biwm eval`` (no IDM,
-no dynamics), for comparing training arms:
+sharpness and IDM camera-following accuracy of each, and a strip PNG (rows: truth, sample; 4 clips).
+Quicker than ``biwm eval`` (no dynamics, no shuffled baseline), for comparing training arms and samplers:
 
-    python scripts/lab_probe.py RUN_DIR [--weights FILE] [--n 32] [--chunks 10] [--samplers 20:1,50:1] --out PREFIX
+    python scripts/lab_probe.py MODEL [--weights FILE] [--n 32] [--chunks 10] [--samplers 20:1,50:1] --out PREFIX
 
 A sampler is STEPS:CFG[:SHIFT] (shift default 3). Writes PREFIX.json and PREFIX.png.
 """
@@ -10,23 +10,24 @@ import argparse, json, time
 from pathlib import Path
 import torch
 from biwm.core.data import toyworld_latents, video_frames_for
-from biwm.core.evaluation import Sampler, quality_scores, rollout_video
+from biwm.core.evaluation import Sampler, camera_scores, quality_scores, rollout_video
 from biwm.core.metrics import sharpness
-from biwm.core.recipe import load_recipe
-from biwm.core.runner import RunContext
+from biwm.core.idm import find_idm, load_idm
+from biwm.core.recipe import validate_recipe
+from biwm.core.runner import RunContext, evaluation_recipe_data, find_run
+from rich.console import Console
 from biwm.core.stages.common import load_world_model, text_embeddings
 
 ap = argparse.ArgumentParser()
-ap.add_argument("run"); ap.add_argument("--weights"); ap.add_argument("--n", type=int, default=32)
+ap.add_argument("run", help="a model file, its folder, or a run/stage folder (what biwm eval takes)")
+ap.add_argument("--weights"); ap.add_argument("--n", type=int, default=32)
 ap.add_argument("--chunks", type=int, default=10); ap.add_argument("--out", required=True)
 ap.add_argument("--samplers", default="20:1,50:1,20:2")
 a = ap.parse_args()
-run = Path(a.run)
-r = load_recipe(run / "recipe.yaml", [])
-ctx = RunContext(r, run)
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-w = Path(a.weights) if a.weights else run / "finetune" / "model.safetensors"
-world = load_world_model(ctx, init=w).to(dev).eval()
+run, w = find_run(Path(a.weights or a.run))
+r = validate_recipe(evaluation_recipe_data(run, w), base_dir=run, source=str(w))
+world = load_world_model(RunContext(r, run, console=Console(quiet=True)), init=w, report=False).to(dev).eval()
 bb = world.backbone
 H, K = 4, 4
 data = toyworld_latents("heldout", a.n, H + a.chunks * K, r.data.toyworld, bb, None, "probe", device=dev, keep_frames=True)
@@ -37,6 +38,8 @@ cam = data.camera.frames(slice(tf - 1, None))
 hv = video_frames_for(H, tf)
 truth = data.frames[:, hv:].float().div(127.5).sub(1)
 last = data.frames[:, hv - 1:hv].float().div(127.5).sub(1)
+idm_file = find_idm(r.data.toyworld)
+idm = load_idm(idm_file, r.data.toyworld, dev).model if idm_file else None
 res = {"weights": str(w), "n": a.n, "chunks": a.chunks}
 copy = quality_scores(last.expand_as(truth), truth, K * tf)
 res["copy_last"] = [round(x, 2) for x in copy["psnr_per_chunk"]]
@@ -49,6 +52,10 @@ for spec in a.samplers.split(","):
                       "bidirectional")
     q = quality_scores(v, truth, K * tf)
     res[spec] = {"psnr_per_chunk": [round(x, 2) for x in q["psnr_per_chunk"]], "seconds": round(time.time() - t0, 1)}
+    if idm is not None:
+        follow = camera_scores(idm, torch.cat([last, v], 1), data.camera, hv, r.data.toyworld, K * tf)
+        res[spec]["idm_accuracy"] = round(follow["accuracy"], 3)
+        res[spec]["idm_accuracy_per_chunk"] = [round(x, 3) for x in follow["accuracy_per_chunk"]]
     videos[spec] = v
     print(spec, res[spec], flush=True)
     Path(a.out + ".json").write_text(json.dumps(res, indent=1))

@@ -6,7 +6,7 @@
 #   bash scripts/toy_lab.sh [RUNS_DIR]        # default runs/toy-lab-all
 #
 # Environment: TEACHER_STEPS, STUDENT_STEPS override the recipes' step counts (quick trials).
-# Not yet run end to end (docs/results/toy_lab.md says what has been).
+# Not yet run end to end: its teacher step made examples/weights/toyworld-teacher (docs/results/toy_lab.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-runs/toy-lab-all}
