@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
-# The toy lab on one GPU, end to end (issue 13): the IDM for the lab's rendering, the stage-1 teacher
-# (examples/toy_lab.yaml), a 4-step DMD student from it, both evaluated on 32 held-out trajectories x
-# 20 chunks, and docs/results/toy_lab.json from the two evaluations.
+# The toy lab on one GPU, end to end (issue 13): the stage-1 teacher (examples/toy_lab.yaml), a 4-step
+# DMD student from it (examples/toy_lab_student.yaml), the teacher evaluated on 32 held-out
+# trajectories x 20 chunks with the sampler the student is compared against (50 Euler steps, CFG 1.5:
+# 100 NFE per chunk), a probe of the teacher, and docs/results/toy_lab.json from the two evaluations.
+# The IDM for the lab's rendering ships with biwm-core.
 #
 #   bash scripts/toy_lab.sh [RUNS_DIR]        # default runs/toy-lab-all
 #
-# Environment: TEACHER_STEPS, STUDENT_STEPS override the recipes' step counts (quick trials).
-# Not yet run end to end: its teacher step made examples/weights/toyworld-teacher (docs/results/toy_lab.md).
+# Environment: TEACHER=FILE skips stage 1 and starts from that model (e.g. the shipped
+# examples/weights/toyworld-teacher/model.safetensors); TEACHER_STEPS, STUDENT_STEPS override the
+# recipes' step counts (quick trials); TEACHER_CFG the teacher's guidance (default 1.5).
+# Its stage 1 alone made examples/weights/toyworld-teacher; the rest has not run end to end yet
+# (docs/results/toy_lab.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-runs/toy-lab-all}
 mkdir -p "$runs"
 runs=$(cd "$runs" && pwd)  # absolute: --set paths are read relative to the recipe's folder
-biwm idm train --recipe examples/toy_lab.yaml                     # cached where biwm eval finds it
-biwm run examples/toy_lab.yaml --force --set run_dir="$runs/teacher" \
-    ${TEACHER_STEPS:+--set stages[0].steps=$TEACHER_STEPS}
-biwm run examples/toy_lab_student.yaml --force --set run_dir="$runs/student" \
-    --set stages[0].init="$runs/teacher/finetune/model.safetensors" ${STUDENT_STEPS:+--set stages[0].steps=$STUDENT_STEPS}
-python scripts/lab_probe.py "$runs/teacher" --n 32 --chunks 10 --samplers 20:1,50:1,50:2 --out "$runs/teacher_probe"
-python scripts/toy_lab_report.py "$runs/teacher/evaluate/metrics.json" "$runs/student/evaluate/metrics.json"
+if [ -z "${TEACHER:-}" ]; then
+    biwm run examples/toy_lab.yaml --force --set run_dir="$runs/teacher" \
+        ${TEACHER_STEPS:+--set stages[0].steps=$TEACHER_STEPS}
+    TEACHER="$runs/teacher/finetune/model.safetensors"
+fi
+teacher=$(cd "$(dirname "$TEACHER")" && pwd)/$(basename "$TEACHER")
+cfg=${TEACHER_CFG:-1.5}
+biwm run examples/toy_lab_student.yaml --force --set run_dir="$runs/student" --set stages[0].init="$teacher" \
+    --set stages[1].teacher_cfg="$cfg" ${STUDENT_STEPS:+--set stages[0].steps=$STUDENT_STEPS}
+biwm eval "$teacher" --out "$runs/teacher_eval" --set evaluate.trajectories=32 --set evaluate.chunks=20 \
+    --set evaluate.steps=50 --set evaluate.cfg_scale="$cfg"
+python scripts/lab_probe.py "$teacher" --n 32 --chunks 10 --samplers 20:1:3,20:2:3,50:"$cfg":3 --out "$runs/teacher_probe"
+python scripts/toy_lab_report.py "$runs/teacher_eval/metrics.json" "$runs/student/evaluate/metrics.json"

@@ -223,6 +223,24 @@ def test_backbone_speed_methods_are_required_only_when_asked():
     ref = tiny(window)
     apply_speedups(tiny, SpeedOptions(channels_last_decoder=True))
     torch.testing.assert_close(tiny(window), ref)
+    with pytest.raises(ValueError, match="SimpleNamespace backbone cannot choose an attention kernel"):
+        apply_speedups(world, SpeedOptions(attention="flash"))
+    with pytest.raises(ValueError, match="attention kernel 'fast': expected one of auto, flash"):
+        tiny.backbone.set_attention_kernel("fast")
+
+
+def test_biwm_core_imports_no_diffusers_and_no_backbone():
+    """The core declares no diffusers dependency: importing every core module must not pull it in
+    (backbone plugins do, when the plugin manager loads them)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pkgutil, importlib, biwm.core as c\n"
+            "for m in pkgutil.walk_packages(c.__path__, 'biwm.core.'): importlib.import_module(m.name)\n"
+            "print(sorted({k.split('.')[0] for k in sys.modules if k.startswith(('diffusers', 'biwm.backbones'))}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
 
 
 # ------------------------------------------------------------------------------------------- GPU

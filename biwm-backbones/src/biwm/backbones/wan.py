@@ -23,6 +23,10 @@ from biwm.backbones.codecs import ByteTextEncoder, PixelCodec
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# diffusers' attention-dispatch names of PyTorch's SDPA kernels (SpeedOptions.attention)
+ATTENTION_KERNELS = {"auto": "native", "flash": "_native_flash", "cudnn": "_native_cudnn",
+                     "efficient": "_native_efficient", "math": "_native_math"}
+
 # Exact published shapes (diffusers-format configs of the Wan-AI releases).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -379,6 +383,22 @@ class WanBackbone(nn.Module):
 
     def stream_decoder(self):
         return self.codec.stream_decoder()
+
+    def set_attention_kernel(self, name: str) -> None:
+        """Make every attention call use one of PyTorch's SDPA kernels (``ATTENTION_KERNELS``; "auto":
+        PyTorch's choice), through diffusers' attention dispatcher."""
+        import logging
+
+        from diffusers.utils import logging as diffusers_logging
+
+        if name not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel {name!r}: expected one of {', '.join(ATTENTION_KERNELS)}")
+        level = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity(logging.ERROR)  # it warns that the dispatcher is experimental on every call
+        try:
+            self.transformer.set_attention_backend(ATTENTION_KERNELS[name])
+        finally:
+            diffusers_logging.set_verbosity(level)
 
     def compile_decoder(self, **kwargs: Any) -> None:
         """torch.compile the VAE decoder (the pixel codec of tiny presets has nothing to compile)."""

@@ -57,7 +57,12 @@ class HistoryTokens:
 
 @runtime_checkable
 class Backbone(Protocol):
-    """A pretrained video DiT + latent codec + text encoder, at the level BiWM needs."""
+    """A pretrained video DiT + latent codec + text encoder, at the level BiWM needs.
+
+    Optional speed hooks, used by ``biwm.core.speed.SpeedOptions`` when present:
+    ``set_attention_kernel(name)`` (one of "auto", "flash", "cudnn", "efficient", "math"),
+    ``compile_decoder(**torch_compile_kwargs)`` and ``channels_last_decoder()``. A backbone without
+    them runs with attention "auto" and its decoder as it is; asking for more is a clear error."""
 
     hidden_dim: int
     latent_channels: int

@@ -29,11 +29,6 @@ from biwm.core.config import PluginRef
 from biwm.core.video import as_uint8
 from biwm.core.window import WorldModel
 
-# diffusers' attention-dispatch names of PyTorch's SDPA kernels
-ATTENTION_BACKENDS = {"auto": "native", "flash": "_native_flash", "cudnn": "_native_cudnn",
-                      "efficient": "_native_efficient", "math": "_native_math"}
-
-
 class SpeedOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = Field(
@@ -99,22 +94,14 @@ def _backbone_method(world: WorldModel, name: str):
 
 
 def set_attention(world: WorldModel, name: str) -> None:
-    """Make the transformer's attention use one SDPA kernel ("auto": PyTorch's choice)."""
-    module = world.backbone.trainable()
-    if not hasattr(module, "set_attention_backend"):
+    """Make the transformer's attention use one SDPA kernel ("auto": PyTorch's choice), through the
+    backbone's ``set_attention_kernel`` (a backbone without one supports only "auto")."""
+    if not hasattr(world.backbone, "set_attention_kernel"):
         if name != "auto":
-            raise ValueError(f"attention: {type(module).__name__} has no attention dispatcher; use attention: auto")
+            raise ValueError(f"attention: the {type(world.backbone).__name__} backbone cannot choose an attention "
+                             "kernel (no set_attention_kernel); use attention: auto")
         return
-    import logging
-
-    from diffusers.utils import logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(logging.ERROR)  # it warns that the dispatcher is experimental on every call
-    try:
-        module.set_attention_backend(ATTENTION_BACKENDS[name])
-    finally:
-        diffusers_logging.set_verbosity(level)
+    world.backbone.set_attention_kernel(name)
 
 
 class FrameStream:
