@@ -111,3 +111,52 @@ def test_broken_plugin_does_not_stop_run(site, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "biwm_broken_plugin" in proc.stderr and "broken" in proc.stderr
     assert (tmp_path / "run" / "finetune" / "model.safetensors").is_file()
+
+
+COMMANDS = """
+    import typer
+    from biwm.core import hookimpl
+
+    def hello(name: str = typer.Argument(..., help="who"), times: int = typer.Option(1, help="how often")):
+        for _ in range(times):
+            print(f"hello {name}")
+
+    group = typer.Typer()
+
+    @group.command()
+    def ping():
+        print("pong")
+
+    def run():
+        print("a plugin must not replace biwm run")
+
+    @hookimpl
+    def register_commands(register):
+        register("hello", hello, description="greets from a third-party distribution")
+        register("tool", group, description="a group of subcommands")
+        register("run", run)
+"""
+
+
+def test_a_distribution_adds_cli_commands_and_cannot_replace_built_in_ones(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    make_distribution(site, "biwm-hello", "biwm_hello_plugin", COMMANDS)
+    env = subprocess_env(PYTHONPATH=str(site), COLUMNS="200")
+
+    def cli(*args):
+        return subprocess.run(biwm_cmd() + list(args), capture_output=True, text=True, env=env)
+
+    out = cli("hello", "world", "--times", "2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["hello world", "hello world"]
+    assert cli("tool", "ping").stdout.strip() == "pong"
+    shown = cli("--help")
+    assert "greets from a third-party distribution" in shown.stdout and "tool" in shown.stdout
+    assert "registers command 'run', which BiWM already has; left out" in shown.stderr
+    assert "must not replace" not in cli("run", "--help").stdout  # the built-in run
+    rows = json.loads(cli("list-plugins", "--json").stdout)
+    assert {"kind": "command", "name": "hello", "distribution": "biwm-hello"}.items() <= \
+        next(r for r in rows if r["name"] == "hello").items()
+    missing = cli("hello")
+    assert missing.returncode != 0 and "Missing argument 'name'" in missing.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from contextlib import contextmanager
 from enum import Enum
@@ -286,8 +287,36 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
+def builtin_command_names() -> set[str]:
+    return ({c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands}
+            | {g.name for g in app.registered_groups})
+
+
+def add_plugin_commands() -> list[str]:
+    """Add the commands that plugins register (``register_commands``) to the CLI; returns their names.
+    One that reuses a built-in command's name is left out, with a warning naming its plugin."""
+    from biwm.core.plugins import get_plugin_manager
+
+    builtin = builtin_command_names()
+    added = []
+    for spec in get_plugin_manager().registry("command").values():
+        if spec.name in builtin or spec.name in added:
+            warnings.warn(f"plugin {spec.plugin!r} ({spec.distribution}) registers command {spec.name!r}, which "
+                          "BiWM already has; left out", stacklevel=1)
+            continue
+        if isinstance(spec.factory, typer.Typer):
+            app.add_typer(spec.factory, name=spec.name, help=spec.description or None)
+        else:
+            app.command(name=spec.name, help=spec.description or None)(spec.factory)
+        added.append(spec.name)
+    return added
+
+
 def main() -> None:
     warnings.showwarning = _show_warning  # one line each, not the source line that warned
+    first = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    if first not in builtin_command_names():  # plugins load only for --help and commands core lacks
+        add_plugin_commands()
     app()
 
 

@@ -33,3 +33,11 @@ def register_losses(register):
 @hookspec
 def register_quantizers(register):
     """Register Quantizer factories."""
+
+
+@hookspec
+def register_commands(register):
+    """Register CLI commands: ``register(name, command, description=...)`` adds ``biwm NAME``.
+    ``command`` is a typer command function (its parameters become the command's arguments and
+    options) or a ``typer.Typer`` (a group of subcommands). A name that a built-in command uses is
+    refused with a warning."""

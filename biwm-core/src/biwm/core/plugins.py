@@ -33,6 +33,7 @@ KINDS: dict[str, str] = {
     "compressor": "register_compressors",
     "loss": "register_losses",
     "quantizer": "register_quantizers",
+    "command": "register_commands",
 }
 BUILTIN_MODULES = {"core": "biwm.core.builtins"}
 # Kinds whose factories are called as factory(options, backbone=...); the others as factory(options).
@@ -80,6 +81,8 @@ def _check_factory(kind: str, name: str, factory: Callable[..., Any], plugin: st
     """The factory must take what the registry passes: (options) or (options, backbone=...)."""
     if not callable(factory):
         raise TypeError(f"{kind} {name!r}: factory {factory!r} is not callable")
+    if kind == "command":
+        return  # a typer command function or Typer group: the CLI calls it with its own parameters
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):
