@@ -107,6 +107,14 @@ def test_export_writes_the_controls_and_compressor_and_says_so(tmp_path):
     for key in parts:
         assert parts[key].equal(trained[key])
     assert metrics["left_out_of_diffusers_folder"] == ["controls (actions, plucker)", "compressor (none)"]
+    from biwm.core.stages.common import read_card
+
+    card = __import__("json").loads((stage / "biwm_card.json").read_text())
+    assert card["export"] == {"transformer": "transformer", "parts": "biwm_parts.safetensors",
+                              "source": str(tmp_path / "run" / "finetune" / "model.safetensors")}
+    assert {k: card[k] for k in ("model", "data")} == \
+        {k: read_card(tmp_path / "run" / "finetune" / "model.safetensors")[k] for k in ("model", "data")}
+    assert card["model"]["controls"] and metrics["card"] == str(stage / "biwm_card.json")
 
 
 # ---------------------------------------------------------------- 3: --resume and re-runs

@@ -4,7 +4,8 @@ so it loads anywhere diffusers does, including as ``weights:`` of a later recipe
 A diffusers folder holds the transformer only. The BiWM parts trained with it (the controls and
 the history compressor) are written beside it, to ``biwm_parts.safetensors`` in the stage folder,
 and the stage says so: a later recipe keeps them with ``init:`` that file (or the training stage's
-``model.safetensors``), and starts them from zero without it.
+``model.safetensors``), and starts them from zero without it. The model's card (what the backbone,
+controls, compressor, data and sampler are) goes to ``biwm_card.json`` beside them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from pydantic import Field, field_validator
 from biwm.core.config import Strict, show
 
 PARTS_FILE = "biwm_parts.safetensors"
-_RESERVED = {"metrics.json", "stage.yaml", "DONE", "checkpoints", PARTS_FILE}
+CARD_FILE = "biwm_card.json"
+_RESERVED = {"metrics.json", "stage.yaml", "DONE", "checkpoints", PARTS_FILE, CARD_FILE}
 
 
 class ExportConfig(Strict):
@@ -38,8 +40,10 @@ class ExportConfig(Strict):
 
 
 def run(ctx, cfg: ExportConfig, stage_dir: Path) -> dict:
-    from biwm.core.checkpoint import atomic_folder, module_state, save_weights
-    from biwm.core.stages.common import load_world_model
+    import json
+
+    from biwm.core.checkpoint import atomic_folder, atomic_path, module_state, save_weights
+    from biwm.core.stages.common import CARD_KEY, load_world_model, model_card, read_card
 
     if ctx.previous_weights is None:
         raise ValueError("stage export needs an earlier training stage in the recipe")
@@ -51,6 +55,12 @@ def run(ctx, cfg: ExportConfig, stage_dir: Path) -> dict:
     parts = {"controls": world.controls, "compressor": world.compressor}
     tensors = module_state(parts)
     save_weights(stage_dir / PARTS_FILE, parts, {"stage": "export", "source": str(ctx.previous_weights)})
+    # the card of the exported model (backbone and options, controls, compressor, data, sampler), beside it
+    source_card = read_card(Path(ctx.previous_weights))
+    card = source_card if source_card is not None else json.loads(model_card(ctx, "export")[CARD_KEY])
+    card = {**card, "export": {"transformer": cfg.folder, "parts": PARTS_FILE, "source": str(ctx.previous_weights)}}
+    with atomic_path(stage_dir / CARD_FILE) as tmp:
+        tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     recipe = ctx.recipe
     left_out = [f"controls ({', '.join(c.name for c in recipe.model.controls) or 'none'})",
                 f"compressor ({recipe.model.compressor.name})"]
@@ -58,5 +68,7 @@ def run(ctx, cfg: ExportConfig, stage_dir: Path) -> dict:
                       f", {len(tensors)} tensors, written to {stage_dir / PARTS_FILE}; a recipe that uses the "
                       f"export as weights: keeps them only with init: {stage_dir / PARTS_FILE} (without it they "
                       "start from zero)", highlight=False)
-    return {"exported_to": str(final), "biwm_parts": str(stage_dir / PARTS_FILE),
+    ctx.console.print(f"model card (backbone, controls, compressor, data, sampler): {stage_dir / CARD_FILE}",
+                      highlight=False)
+    return {"exported_to": str(final), "biwm_parts": str(stage_dir / PARTS_FILE), "card": str(stage_dir / CARD_FILE),
             "left_out_of_diffusers_folder": left_out, "biwm_parts_tensors": len(tensors)}
