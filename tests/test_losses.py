@@ -37,6 +37,12 @@ def test_gan_head_reads_the_chosen_blocks_and_learns_to_separate():
     assert gan.blocks == [0, 1]
     with pytest.raises(ValueError, match=r"gan blocks \[5\] outside the critic's 2 blocks"):
         gan_for(world, blocks=[5])
+    from types import SimpleNamespace
+
+    from biwm.losses.gan import GAN, GANOptions
+
+    with pytest.raises(ValueError, match="the SimpleNamespace backbone has none"):
+        GAN(GANOptions(), backbone=SimpleNamespace(trainable=lambda: world.backbone.trainable()))
     win, latents, _, _ = window_for(world)
     real = RolledChunk(win.chunk, win)
     fake = RolledChunk(torch.randn(win.chunk.shape, generator=torch.Generator().manual_seed(0)), win)

@@ -384,6 +384,10 @@ class WanBackbone(nn.Module):
     def stream_decoder(self):
         return self.codec.stream_decoder()
 
+    def block_modules(self) -> nn.ModuleList:
+        """The transformer blocks in order (losses that read hidden states hook them)."""
+        return self.transformer.blocks
+
     def set_attention_kernel(self, name: str) -> None:
         """Make every attention call use one of PyTorch's SDPA kernels (``ATTENTION_KERNELS``; "auto":
         PyTorch's choice), through diffusers' attention dispatcher."""

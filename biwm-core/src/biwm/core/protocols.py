@@ -62,7 +62,9 @@ class Backbone(Protocol):
     Optional speed hooks, used by ``biwm.core.speed.SpeedOptions`` when present:
     ``set_attention_kernel(name)`` (one of "auto", "flash", "cudnn", "efficient", "math"),
     ``compile_decoder(**torch_compile_kwargs)`` and ``channels_last_decoder()``. A backbone without
-    them runs with attention "auto" and its decoder as it is; asking for more is a clear error."""
+    them runs with attention "auto" and its decoder as it is; asking for more is a clear error.
+    ``block_modules()`` (the transformer blocks in order) serves losses that read hidden states
+    (the ``gan`` loss); a backbone without it cannot be used with them."""
 
     hidden_dim: int
     latent_channels: int

@@ -40,11 +40,10 @@ class GAN(nn.Module):
         super().__init__()
         if backbone is None:
             raise ValueError("the gan loss needs the critic's backbone")
-        blocks = getattr(backbone.trainable(), "blocks", None)
-        if blocks is None:
-            raise ValueError("the gan loss reads the backbone's transformer blocks (a `blocks` list); this backbone "
-                             "has none")
-        depth = len(blocks)
+        if not hasattr(backbone, "block_modules"):
+            raise ValueError(f"the gan loss reads the critic's hidden states after chosen transformer blocks, through "
+                             f"the backbone's block_modules(); the {type(backbone).__name__} backbone has none")
+        depth = len(backbone.block_modules())
         chosen = options.blocks if options.blocks is not None else default_blocks(depth)
         bad = [b for b in chosen if not -depth <= b < depth]
         if bad:
@@ -61,7 +60,7 @@ class GAN(nn.Module):
 
     def logits(self, critic, window: Window) -> Tensor:
         """One logit per sample: the critic runs on ``window`` and the head reads its blocks."""
-        modules = critic.backbone.trainable().blocks
+        modules = critic.backbone.block_modules()
         captured: dict[int, Tensor] = {}
         hooks = [modules[b].register_forward_hook(lambda _m, _i, out, b=b: captured.__setitem__(b, out))
                  for b in self.blocks]
