@@ -20,7 +20,7 @@ from torch import Tensor
 
 from biwm.core.camera import CameraTrack
 from biwm.core.protocols import AttentionMode
-from biwm.core.schedule import add_noise, euler_step, predict_x0, sampling_sigmas, shift_sigma
+from biwm.core.schedule import add_noise, euler_step, predict_x0, sampling_sigmas, shift_sigma, timestep
 from biwm.core.window import Window, WorldModel
 
 
@@ -66,7 +66,7 @@ def few_step_chunk(world: WorldModel, window: Window, sigmas: Tensor, noise: Cal
     batch = x.shape[0]
     for i in range(last + 1):
         with torch.set_grad_enabled(want_grad and i == last):
-            v = world(window.with_chunk(x, sigmas[i].expand(batch) * 1000))
+            v = world(window.with_chunk(x, timestep(sigmas[i].expand(batch))))
             x0 = predict_x0(x, v.to(x.dtype), sigmas[i])
         if i < last:
             x = add_noise(x0.detach(), noise(), sigmas[i + 1].expand(batch))
@@ -119,7 +119,7 @@ class Sampler:
             return few_step_chunk(world, window, sigmas.to(device), draw)
         sigmas = sampling_sigmas(self.steps, self.shift, device=device)
         for i in range(self.steps):
-            window = window.with_chunk(x, sigmas[i].expand(batch) * 1000)
+            window = window.with_chunk(x, timestep(sigmas[i].expand(batch)))
             v = guided_velocity(world, window, null_text, self.cfg_scale)
             x = euler_step(x, v.to(x.dtype), sigmas[i], sigmas[i + 1])
         return x

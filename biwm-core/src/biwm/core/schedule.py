@@ -6,6 +6,14 @@ import torch
 from torch import Tensor
 
 
+TIMESTEP_SCALE = 1000.0  # Window.timestep = TIMESTEP_SCALE * sigma: the scale Wan's timestep embedding was trained on
+
+
+def timestep(sigma: Tensor) -> Tensor:
+    """The network's timestep for noise level ``sigma`` (the one place the x1000 convention lives)."""
+    return sigma * TIMESTEP_SCALE
+
+
 def shift_sigma(sigma: Tensor, shift: float) -> Tensor:
     """Warp sigma towards 1: s' = shift*s / (1 + (shift - 1) s)."""
     return shift * sigma / (1 + (shift - 1) * sigma)

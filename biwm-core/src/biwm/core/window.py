@@ -21,7 +21,7 @@ from biwm.core.protocols import AttentionMode, Backbone, HistoryTokens, grid_pos
 class Window:
     text: Tensor  # [B, Lt, Dt]
     chunk: Tensor  # [B, C, K, h, w] noisy latents
-    timestep: Tensor  # [B] in [0, 1000]
+    timestep: Tensor  # [B] in [0, 1000]: biwm.core.schedule.timestep(sigma)
     history: Tensor | None = None  # [B, C, H, h, w] clean latents, H may be 0
     camera: CameraTrack | None = None  # video rate, (H + K) * temporal_factor frames
     control_mask: Tensor | None = None  # [B] 1 keeps control, 0 drops it (classifier-free guidance)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from biwm.core.schedule import add_noise
+from biwm.core.schedule import add_noise, timestep
 from biwm.core.window import Window
 
 
@@ -80,7 +80,7 @@ class GAN(nn.Module):
     @staticmethod
     def noised(latents: Tensor, window: Window, sigma: Tensor, generator: torch.Generator) -> Window:
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        return window.with_chunk(add_noise(latents, noise, sigma), sigma * 1000)
+        return window.with_chunk(add_noise(latents, noise, sigma), timestep(sigma))
 
     def generator_loss(self, step) -> Tensor | None:
         if self.options.generator_weight == 0:

@@ -106,7 +106,7 @@ def finetune_loss(world, cfg: FinetuneConfig, x0: torch.Tensor, history: torch.T
 
     Every random draw comes from ``generator`` on its own device (a CUDA generator keeps the step
     free of host-to-device copies)."""
-    from biwm.core.schedule import add_noise, training_sigmas, velocity_target
+    from biwm.core.schedule import add_noise, timestep, training_sigmas, velocity_target
     from biwm.core.window import Window
 
     device = x0.device
@@ -125,7 +125,7 @@ def finetune_loss(world, cfg: FinetuneConfig, x0: torch.Tensor, history: torch.T
     drop_text = rand(b) < cfg.text_dropout
     batch_text = torch.where(drop_text.view(-1, 1, 1), null_text.expand_as(text), text)
     control_mask = (rand(b) >= cfg.control_dropout).float()
-    window = Window(text=batch_text, chunk=add_noise(x0, noise, sigma), timestep=sigma * 1000, history=history,
+    window = Window(text=batch_text, chunk=add_noise(x0, noise, sigma), timestep=timestep(sigma), history=history,
                     camera=camera, control_mask=control_mask, attention=attention)
     with torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
         velocity = world(window)
