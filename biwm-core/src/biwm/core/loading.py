@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from biwm.core.sampling import Sampler
+from biwm.core.sampling import Sampler  # noqa: F401 (the type load_model returns)
 from biwm.core.window import WorldModel
 
 
@@ -20,16 +20,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Wo
 
     from biwm.core.recipe import validate_recipe
     from biwm.core.runner import RunContext, evaluation_recipe_data, find_run
-    from biwm.core.stages.common import load_world_model, model_metadata
+    from biwm.core.stages.common import load_world_model, sampler_for
 
     run_dir, weights = find_run(Path(path))
     recipe = validate_recipe(evaluation_recipe_data(run_dir, weights), base_dir=run_dir, source=str(weights))
     ctx = RunContext(recipe=recipe, run_dir=run_dir, console=Console(quiet=True))
     world = load_world_model(ctx, init=weights, report=False).to(device).eval()
-    meta = model_metadata(weights)
-    if meta.get("stage") == "distill":
-        sampler = Sampler(int(meta["student_steps"]), float(meta["student_shift"]), student=True)
-    else:
-        evaluate = recipe.stages[0]
-        sampler = Sampler(evaluate.steps, evaluate.shift, evaluate.cfg_scale)
-    return world, sampler
+    evaluate = recipe.stages[0]
+    return world, sampler_for(ctx, weights, evaluate.steps, evaluate.shift, evaluate.cfg_scale)
