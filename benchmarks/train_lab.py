@@ -3,6 +3,7 @@ issue 13 against the loop as it is, same model, batch and windows, measured in o
 
     python benchmarks/train_lab.py --out docs/results/train_lab_h200                # one GPU
     python benchmarks/train_lab.py --presets tiny --steps 4 --warmup 1 --batch 4 --out /tmp/lab  # CPU smoke run
+    python benchmarks/train_lab.py --presets toy --variants resident --profile 10 --out OUT  # where the time goes
 
 Variants (each adds to the one before):
 - ``before``: the loop before issue 13: fp32, the training clips on the host (each window copied
@@ -10,7 +11,10 @@ Variants (each adds to the one before):
   sync), unfused AdamW.
 - ``resident``: clips resident on the device, noise drawn there from a device generator, the loss
   read every 100 steps instead of every step, fused AdamW (on CUDA).
-- ``bf16``: plus bf16 autocast (fp32 master weights), the lab recipe's setting.
+- ``bf16``: plus bf16 autocast (fp32 master weights).
+- ``compile``: ``resident`` (fp32) with the transformer blocks compiled (``compile: true`` in the
+  stage: regional ``torch.compile``, the token count symbolic so every history length shares a graph).
+- ``compile-bf16``: ``compile`` with bf16 autocast.
 
 The same seeded window shapes (history length 0-8, chunk of 4) are used by every variant. Reported:
 median seconds per step over ``--steps`` timed steps (in blocks of 25) after ``--warmup`` steps, and
@@ -28,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, markdown_table, median, parse_list, synchronize, write_json  # noqa: E402
 
-VARIANTS = ["before", "resident", "bf16"]
+VARIANTS = ["before", "resident", "bf16", "compile", "compile-bf16"]
 BLOCK = 25
 
 
@@ -56,23 +60,22 @@ def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
 
     torch.manual_seed(0)
     world, data = build(preset, device, args.clips, args.frames)
-    cfg = FinetuneConfig(batch_size=args.batch, max_history=8, precision="bf16" if variant == "bf16" else "fp32")
+    cfg = FinetuneConfig(batch_size=args.batch, max_history=8, precision="bf16" if "bf16" in variant else "fp32")
     text, null = text_embeddings(world, "", args.batch, device)
     if variant != "before":
         data = data.to(device)
     optimizer = make_optimizer(world, cfg, fused=variant != "before" and device.type == "cuda")
     params = [p for p in world.parameters() if p.requires_grad]
+    if variant.startswith("compile"):
+        from biwm.core.speed import compile_blocks
+
+        compile_blocks(world, dynamic=True)  # as the finetune stage does with compile: true
     shapes = torch.Generator().manual_seed(1)
     noise = torch.Generator() if variant == "before" else torch.Generator(device)
     world.train()
     pending: list[torch.Tensor] = []
     block_times: list[float] = []
-    total = args.warmup + args.steps
-    start = time.perf_counter()
-    for step in range(total):
-        if step == args.warmup:
-            synchronize(device)
-            start = time.perf_counter()
+    def train_step(step: int) -> torch.Tensor:
         noise.manual_seed(step)
         x0, history, camera = sample_batch(data, cfg, shapes, device)
         loss = finetune_loss(world, cfg, x0, history, camera, text, null, noise, "bidirectional")
@@ -80,6 +83,17 @@ def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    total = args.warmup + args.steps
+    start = began = time.perf_counter()
+    warmup_seconds = 0.0
+    for step in range(total):
+        if step == args.warmup:
+            synchronize(device)
+            start = time.perf_counter()
+            warmup_seconds = start - began  # includes compilation
+        loss = train_step(step)
         if variant == "before":
             loss.item()
         else:
@@ -94,8 +108,28 @@ def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
             steps_in_block = BLOCK if done % BLOCK == 0 else done % BLOCK
             block_times.append((now - start) / steps_in_block)
             start = now
-    return {"variant": variant, "preset": preset, "seconds_per_step": median(block_times),
+    profiled = {}
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for step in range(total, total + args.profile):
+                train_step(step)
+            synchronize(device)
+        table = prof.key_averages().table(sort_by="self_cuda_time_total" if device.type == "cuda"
+                                          else "self_cpu_time_total", row_limit=25, max_name_column_width=60)
+        if device.type == "cuda":  # what the GPU itself spends: kernels launched and their time
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            profiled = {"kernels_per_step": len(kernels) / args.profile,
+                        "kernel_ms_per_step": sum(e.self_device_time_total for e in kernels) / args.profile / 1e3}
+        path = args.out.parent / f"{args.out.name}.{preset}.{variant}.profile.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{preset} {variant}, batch {args.batch}, {args.profile} steps: {profiled}\n{table}\n")
+        print(f"{preset} {variant}: {profiled or 'CPU'}; table in {path}", flush=True)
+    return {"variant": variant, "preset": preset, "seconds_per_step": median(block_times), **profiled,
             "steps_per_second": 1 / median(block_times), "timed_steps": args.steps,
+            "warmup_seconds": round(warmup_seconds, 1),
             "parameters_m": round(sum(p.numel() for p in params) / 1e6, 2)}
 
 
@@ -112,6 +146,9 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=256, help="training clips rendered for the benchmark")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after timing, profile N more steps of each variant: OUT.PRESET.VARIANT.profile.txt "
+                             "(torch.profiler table) and kernels / kernel ms per step in the JSON")
     parser.add_argument("--out", type=Path, required=True, help="output prefix: writes OUT.json and OUT.md")
     args = parser.parse_args()
     presets = parse_list(parser, "--presets", args.presets, ["tiny", "toy"])
@@ -129,9 +166,11 @@ def main() -> None:
             r["speedup_over_before"] = base / r["seconds_per_step"] if base else None
             results.append(r)
             rows.append([preset, variant, f"{r['seconds_per_step'] * 1e3:.1f}", f"{r['steps_per_second']:.1f}",
-                         f"{r['speedup_over_before']:.2f}x" if r["speedup_over_before"] else "-"])
+                         f"{r['speedup_over_before']:.2f}x" if r["speedup_over_before"] else "-",
+                         f"{r['warmup_seconds']:.0f}"])
             print(f"{preset} {variant}: {r['seconds_per_step'] * 1e3:.1f} ms/step", flush=True)
-    table = markdown_table(["preset", "variant", "ms per step (median)", "steps/s", "vs before"], rows)
+    table = markdown_table(["preset", "variant", "ms per step (median)", "steps/s", "vs before",
+                            "warm-up s (incl. compile)"], rows)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out.with_suffix(".json"), {"batch": args.batch, "environment": environment(device),

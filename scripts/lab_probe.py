@@ -23,6 +23,8 @@ ap.add_argument("run", help="a model file, its folder, or a run/stage folder (wh
 ap.add_argument("--weights"); ap.add_argument("--n", type=int, default=32)
 ap.add_argument("--chunks", type=int, default=10); ap.add_argument("--out", required=True)
 ap.add_argument("--samplers", default="20:1,50:1,20:2")
+ap.add_argument("--start", type=int, default=0, help="first held-out clip: e.g. 100000 for a validation set "
+                "apart from the clips biwm eval scores")
 a = ap.parse_args()
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 run, w = find_run(Path(a.weights or a.run))
@@ -30,7 +32,8 @@ r = validate_recipe(evaluation_recipe_data(run, w), base_dir=run, source=str(w))
 world = load_world_model(RunContext(r, run, console=Console(quiet=True)), init=w, report=False).to(dev).eval()
 bb = world.backbone
 H, K = 4, 4
-data = toyworld_latents("heldout", a.n, H + a.chunks * K, r.data.toyworld, bb, None, "probe", device=dev, keep_frames=True)
+data = toyworld_latents("heldout", a.n, H + a.chunks * K, r.data.toyworld, bb, None, "probe", device=dev, keep_frames=True,
+                         start=a.start)
 text, null = text_embeddings(world, r.data.prompt, a.n, dev)
 hist = data.latents[:, :, :H].to(dev)
 tf = bb.temporal_factor
@@ -40,7 +43,7 @@ truth = data.frames[:, hv:].float().div(127.5).sub(1)
 last = data.frames[:, hv - 1:hv].float().div(127.5).sub(1)
 idm_file = find_idm(r.data.toyworld)
 idm = load_idm(idm_file, r.data.toyworld, dev).model if idm_file else None
-res = {"weights": str(w), "n": a.n, "chunks": a.chunks}
+res = {"weights": str(w), "n": a.n, "chunks": a.chunks, "start": a.start}
 copy = quality_scores(last.expand_as(truth), truth, K * tf)
 res["copy_last"] = [round(x, 2) for x in copy["psnr_per_chunk"]]
 print("copy-last", res["copy_last"], flush=True)

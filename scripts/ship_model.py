@@ -2,7 +2,7 @@
 card kept or, for a file saved without one (an EMA taken from a checkpoint), written from a recipe,
 and a student's teacher path set relative to where it will live.
 
-    python scripts/ship_model.py SRC.safetensors DST_DIR [--recipe RECIPE.yaml] [--teacher PATH]
+    python scripts/ship_model.py SRC.safetensors DST_DIR [--recipe RECIPE.yaml] [--teacher PATH] [--sampler S:C:H]
 
 Writes DST_DIR/model.safetensors (through a temporary name) with a fresh checksum.
 """
@@ -22,7 +22,18 @@ def main() -> None:
     ap.add_argument("dst", type=Path, help="folder to write model.safetensors into")
     ap.add_argument("--recipe", type=Path, help="recipe that made SRC, for a card when SRC has none")
     ap.add_argument("--teacher", type=Path, help="a student's teacher model file (stored relative to DST)")
+    ap.add_argument("--sampler", help="a teacher's sampler for its card, STEPS:CFG:SHIFT (e.g. 20:1.5:3), "
+                                      "replacing the one its recipe gave")
     args = ap.parse_args()
+    sampler = None
+    if args.sampler is not None:
+        try:
+            steps, cfg, shift = args.sampler.split(":")
+            sampler = {"steps": int(steps), "shift": float(shift), "cfg_scale": float(cfg)}
+        except ValueError:
+            raise SystemExit(f"--sampler: expected STEPS:CFG:SHIFT such as 20:1.5:3, got {args.sampler!r}") from None
+        if sampler["steps"] < 1 or sampler["shift"] <= 0 or sampler["cfg_scale"] < 0:
+            raise SystemExit(f"--sampler: steps must be >= 1, shift > 0 and CFG >= 0, got {args.sampler!r}")
 
     from biwm.core.checkpoint import DIGEST_KEY, atomic_save_tensors, load_tensors, read_metadata
     from biwm.core.stages.common import CARD_KEY
@@ -38,6 +49,14 @@ def main() -> None:
 
         recipe = load_recipe(args.recipe, [])
         meta.update({"stage": "finetune", **model_card(RunContext(recipe, Path(args.dst)), "finetune")})
+    if sampler is not None:
+        import json
+
+        card = json.loads(meta[CARD_KEY])
+        if (card.get("sampler") or {}).get("student"):
+            raise SystemExit(f"--sampler: {args.src} is a distilled generator; it samples with its own steps")
+        card["sampler"] = sampler
+        meta[CARD_KEY] = json.dumps(card, sort_keys=True)
     if args.teacher is not None:
         meta["teacher"] = os.path.relpath(args.teacher.resolve(), args.dst.resolve())
     args.dst.mkdir(parents=True, exist_ok=True)

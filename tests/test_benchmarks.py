@@ -87,11 +87,14 @@ def test_train_benchmark_rejects_unknown_parts():
 def test_train_lab_benchmark_on_cpu_times_every_variant(tmp_path):
     out = tmp_path / "lab"
     proc = run("train_lab.py", "--presets", "tiny", "--steps", "2", "--warmup", "1", "--batch", "2", "--clips", "4",
-               "--out", str(out))
+               "--profile", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.with_suffix(".json").read_text())
     rows = {r["variant"]: r for r in data["results"]}
-    assert list(rows) == ["before", "resident", "bf16"] and data["batch"] == 2
+    assert list(rows) == ["before", "resident", "bf16", "compile", "compile-bf16"] and data["batch"] == 2
+    for variant in rows:  # --profile: a torch.profiler table per variant
+        table = (tmp_path / f"lab.tiny.{variant}.profile.txt").read_text()
+        assert f"tiny {variant}, batch 2, 1 steps" in table and "aten::mm" in table
     assert rows["before"]["speedup_over_before"] == 1.0
     for r in rows.values():
         assert r["seconds_per_step"] > 0 and r["steps_per_second"] == 1 / r["seconds_per_step"]

@@ -84,11 +84,11 @@ def test_weights_folder_without_weights_file_is_a_validate_error(tmp_path):
     assert "Traceback" not in lines_of(result)
 
 
-@pytest.mark.parametrize("height", [30, 36])
-def test_frame_size_the_codec_cannot_take_is_a_validate_error(height):
+@pytest.mark.parametrize("height", [30, 34])
+def test_frame_size_the_codec_cannot_take_is_a_validate_error(height):  # the quickstart's toy preset: 4-pixel tokens
     result = cli("validate", QUICKSTART, "--set", f"data.toyworld.height={height}")
     assert result.exit_code == 2
-    assert f"data.toyworld.height: {height} is not a multiple of 8" in result.stderr
+    assert f"data.toyworld.height: {height} is not a multiple of 4" in result.stderr
 
 
 # ---------------------------------------------------------------- 2: export keeps the BiWM parts

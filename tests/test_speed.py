@@ -336,3 +336,50 @@ def test_attention_option_reaches_the_transformers_processors_only():
     assert blocks[0].attn1.processor.inner._attention_backend.value == "_native_math"
     assert blocks[0].attn2.processor._attention_backend.value == "_native_math"
     torch.testing.assert_close(world(window), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_training_compiled_blocks_share_one_graph_across_history_lengths_and_match_eager():
+    """compile: true in finetune compiles the blocks with a symbolic token count: windows of every
+    history length after the first reuse one graph (no recompile per length), and the loss and
+    gradients are those of the eager model."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from biwm.core.camera import CameraTrack, actions_to_poses, default_intrinsics
+    from biwm.core.speed import compile_blocks
+    from biwm.core.stages.finetune import FinetuneConfig, finetune_loss
+
+    world = tiny_world(compressor="none").train().requires_grad_(True)
+    bb = world.backbone
+    cfg = FinetuneConfig(batch_size=2, text_dropout=0.0, control_dropout=0.0)
+    text, null = bb.encode_text(["a room", "a room"]), bb.encode_text([""])
+    frames = 10
+    actions = torch.randint(0, 81, (2, frames))
+    camera_all = CameraTrack(actions_to_poses(actions), default_intrinsics(60.0).expand(2, 3, 3), actions)
+    latents = torch.randn(2, bb.latent_channels, frames, 8, 8)
+
+    def loss_and_grads(history: int):
+        world.zero_grad(set_to_none=True)
+        k = cfg.chunk_frames
+        loss = finetune_loss(world, cfg, latents[:, :, history:history + k], latents[:, :, :history],
+                             camera_all.frames(slice(0, history + k)), text, null,
+                             torch.Generator().manual_seed(history), "bidirectional")
+        loss.backward()
+        block = world.backbone.block_modules()[0]
+        return loss.detach(), block.attn1.to_q.weight.grad.clone()
+
+    lengths = (0, 2, 3, 5)
+    eager = [loss_and_grads(h) for h in lengths]
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(world, dynamic=True, backend="eager")
+    graphs = []
+    for h, (loss, grad) in zip(lengths, eager):
+        got_loss, got_grad = loss_and_grads(h)
+        torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_grad, grad, rtol=1e-4, atol=1e-6)
+        assert got_grad.abs().sum() > 0
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] >= 1, "the blocks were not compiled"
+    assert graphs[-1] == graphs[1], f"graphs after each history length {graphs}: a recompile per history length"
+    torch._dynamo.reset()

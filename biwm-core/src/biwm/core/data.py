@@ -68,17 +68,18 @@ def encode_clips(clips: ToyClips, backbone: Backbone, batch_size: int = 16, devi
 
 def toyworld_latents(split: str, count: int, latent_frames: int, config: ToyWorldConfig, backbone: Backbone,
                      cache_dir: Path | None, cache_key: str, device: torch.device | str = "cpu",
-                     keep_frames: bool = False) -> LatentClips:
-    """Render + encode toy-world clips, cached as safetensors under ``cache_dir`` by content key."""
+                     keep_frames: bool = False, start: int = 0) -> LatentClips:
+    """Render + encode toy-world clips ``start .. start+count-1`` of ``split``, cached as safetensors
+    under ``cache_dir`` by content key."""
     frames = video_frames_for(latent_frames, backbone.temporal_factor)
-    key = hashlib.sha256(json.dumps([split, count, frames, config.model_dump(mode="json"), cache_key],
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    key_parts = [split, count, frames, config.model_dump(mode="json"), cache_key] + ([start] if start else [])
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"{split}-{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         t = load_tensors(path, "data cache file")
         camera = CameraTrack(t["c2w"], t["intrinsics"], t["actions"])
         return LatentClips(t["latents"], camera, t.get("frames"), t["seeds"].tolist())
-    seeds = split_seeds(split, count)  # type: ignore[arg-type]
+    seeds = split_seeds(split, count, start)  # type: ignore[arg-type]
     clips = render_clips(seeds, frames, config, device=device).to("cpu")
     data = encode_clips(clips, backbone, device=device, keep_frames=keep_frames)
     if path is not None:

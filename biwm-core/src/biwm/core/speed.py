@@ -19,7 +19,7 @@ turns generated chunks into uint8 frames in host memory without stalling the gen
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -71,12 +71,7 @@ def apply_speedups(world: WorldModel, options: SpeedOptions) -> WorldModel:
         # and per frame-cache state of the decoder
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if options.compile:
-        kwargs = {"fullgraph": True, "dynamic": False, "mode": options.compile_mode}
-        module = world.backbone.trainable()
-        if hasattr(module, "compile_repeated_blocks"):  # diffusers models name their repeated blocks
-            module.compile_repeated_blocks(**kwargs)
-        else:
-            module.compile(**kwargs)
+        compile_blocks(world, dynamic=False, mode=options.compile_mode)
         if options.compile_mode == "reduce-overhead":
             # each forward is a new step of the CUDA-graph tree, so the last one's outputs may be reused
             world.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
@@ -85,6 +80,20 @@ def apply_speedups(world: WorldModel, options: SpeedOptions) -> WorldModel:
     if options.compile_decoder:  # default mode: its frame caches are fed back in, which CUDA graphs would overwrite
         _backbone_method(world, "compile_decoder")(dynamic=False)
     return world
+
+
+def compile_blocks(world: WorldModel, dynamic: bool | None = False, mode: str | None = None, **kwargs: Any) -> None:
+    """torch.compile the transformer's repeated blocks in place (regional compilation: one graph
+    serves every block, so compiling costs a block's time, not the model's). ``dynamic=True`` makes
+    the token count symbolic, so windows of every history length share one graph (training);
+    ``False`` specialises a graph per window shape (inference, where a rollout sees a handful).
+    Other keyword arguments go to ``torch.compile`` (e.g. ``backend``)."""
+    kwargs = {"fullgraph": True, "dynamic": dynamic, "mode": mode, **kwargs}
+    module = world.backbone.trainable()
+    if hasattr(module, "compile_repeated_blocks"):  # diffusers models name their repeated blocks
+        module.compile_repeated_blocks(**kwargs)
+    else:
+        module.compile(**kwargs)
 
 
 def _backbone_method(world: WorldModel, name: str):

@@ -119,7 +119,7 @@ class WorldModel(nn.Module):
         control = self.control_embedding(camera, chunk_frames, grid, window.control_mask)
         if control["tokens"] is not None:
             chunk_tokens = chunk_tokens + control["tokens"].to(chunk_tokens.dtype)
-        chunk_seq = chunk_tokens.flatten(2).transpose(1, 2)
+        chunk_seq = chunk_tokens.flatten(2).transpose(1, 2).contiguous()  # one layout with or without history
         chunk_mod = None if control["modulation"] is None else control["modulation"].flatten(2).transpose(1, 2)
         chunk_pos = grid_positions(chunk_frames * 1.0, grid[1], grid[2], device=chunk_seq.device)
 

@@ -43,8 +43,8 @@ class FinetuneConfig(Strict):
                               "is then the EMA (null: the last weights)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast the forward and backward "
                                                "(fp32 master weights and optimizer)")
-    compile: bool = Field(False, description="torch.compile the world model (one static graph per history length; "
-                                             "worth it on a GPU, where small models are launch-bound)")
+    compile: bool = Field(False, description="torch.compile the transformer's blocks (one graph for every history "
+                                             "length; worth it on a GPU, where small models are launch-bound)")
     log_every: int = Field(50, ge=1, description="steps between loss read-outs (each waits for the device)")
     checkpoint_every: int = Field(50, ge=1)
     train: Literal["all", "controls"] = Field("all", description="train everything, or only the control injectors")
@@ -175,12 +175,11 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     model = acc.unwrap_model(world)
     forward = world
     if cfg.compile:
-        import torch._dynamo as dynamo
+        from biwm.core.speed import compile_blocks
 
-        # one static graph per window shape: history lengths 0..max_history (dynamic shapes recompiled
-        # on every camera-track length anyway, and hit the default limit of 8)
-        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, cfg.max_history + 2)
-        forward = torch.compile(world, dynamic=False)
+        # the transformer blocks, where nearly all kernels are, with the token count symbolic: every
+        # history length (0..max_history) runs one graph instead of compiling one per length
+        compile_blocks(model, dynamic=True)
     ema = ModelEMA(model.trainable_modules(), cfg.ema) if cfg.ema else None
     saved = {**model.trainable_modules(), **({"ema": ema} if ema is not None else {})}
     generator = torch.Generator().manual_seed(recipe.seed + 1)  # window shapes and clips, on the host
