@@ -274,3 +274,13 @@ def test_ship_model_halves_the_file_and_keeps_a_loadable_card(tmp_path):
     from biwm.core.checkpoint import read_metadata
 
     assert read_metadata(shipped)["teacher"] == "../run/finetune/model.safetensors"
+
+    # --sampler sets a teacher's card sampler, which biwm.core.load then samples with
+    ship = [sys.executable, str(ROOT / "scripts" / "ship_model.py"), str(src), str(tmp_path / "cfg")]
+    done = subprocess.run(ship + ["--sampler", "12:1.5:2"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    _, sampler = biwm.load(tmp_path / "cfg" / "model.safetensors")
+    assert (sampler.steps, sampler.cfg_scale, sampler.shift, sampler.student) == (12, 1.5, 2.0, False)
+    bad = subprocess.run(ship[:-1] + [str(tmp_path / "bad"), "--sampler", "12:1.5"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--sampler: expected STEPS:CFG:SHIFT" in bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -44,7 +44,8 @@ class FinetuneConfig(Strict):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast the forward and backward "
                                                "(fp32 master weights and optimizer)")
     compile: bool = Field(False, description="torch.compile the transformer's blocks (one graph for every history "
-                                             "length; worth it on a GPU, where small models are launch-bound)")
+                                             "length); measured no faster for the toy lab's model on an H200, "
+                                             "whose step is GPU-bound (BENCHMARKS.md)")
     log_every: int = Field(50, ge=1, description="steps between loss read-outs (each waits for the device)")
     checkpoint_every: int = Field(50, ge=1)
     train: Literal["all", "controls"] = Field("all", description="train everything, or only the control injectors")
@@ -177,8 +178,8 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     if cfg.compile:
         from biwm.core.speed import compile_blocks
 
-        # the transformer blocks, where nearly all kernels are, with the token count symbolic: every
-        # history length (0..max_history) runs one graph instead of compiling one per length
+        # the transformer blocks with the token count symbolic: every history length (0..max_history)
+        # runs one graph instead of compiling one per length
         compile_blocks(model, dynamic=True)
     ema = ModelEMA(model.trainable_modules(), cfg.ema) if cfg.ema else None
     saved = {**model.trainable_modules(), **({"ema": ema} if ema is not None else {})}
