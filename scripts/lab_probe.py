@@ -4,13 +4,14 @@ Quicker than ``biwm eval`` (no dynamics, no shuffled baseline), for comparing tr
 
     python scripts/lab_probe.py MODEL [--weights FILE] [--n 32] [--chunks 10] [--samplers 20:1,50:1] --out PREFIX
 
-A sampler is STEPS:CFG[:SHIFT] (shift default 3). Writes PREFIX.json and PREFIX.png.
+A sampler is STEPS:CFG[:SHIFT[:HISTORY_SIGMA]] (shift default 3, history sigma 0). Writes PREFIX.json and PREFIX.png.
+``--dynamics-scenes N`` also scores each sampler's ``dynamics`` (as ``biwm eval`` does, on N still-camera scenes).
 """
 import argparse, json, time
 from pathlib import Path
 import torch
 from biwm.core.data import toyworld_latents, video_frames_for
-from biwm.core.evaluation import Sampler, camera_scores, quality_scores, rollout_video
+from biwm.core.evaluation import Sampler, camera_scores, dynamics_scores, quality_scores, rollout_video
 from biwm.core.metrics import sharpness
 from biwm.core.idm import find_idm, load_idm
 from biwm.core.recipe import validate_recipe
@@ -25,6 +26,8 @@ ap.add_argument("--chunks", type=int, default=10); ap.add_argument("--out", requ
 ap.add_argument("--samplers", default="20:1,50:1,20:2")
 ap.add_argument("--start", type=int, default=0, help="first held-out clip: e.g. 100000 for a validation set "
                 "apart from the clips biwm eval scores")
+ap.add_argument("--dynamics-scenes", type=int, default=0, help="still-camera scenes for dynamics (0: skip)")
+ap.add_argument("--dynamics-samples", type=int, default=2)
 a = ap.parse_args()
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 run, w = find_run(Path(a.weights or a.run))
@@ -49,16 +52,21 @@ res["copy_last"] = [round(x, 2) for x in copy["psnr_per_chunk"]]
 print("copy-last", res["copy_last"], flush=True)
 videos = {}
 for spec in a.samplers.split(","):
-    steps, cfg, shift = (spec.split(":") + ["3"])[:3]
+    steps, cfg, shift, hsig = (spec.split(":") + ["3", "0"][len(spec.split(":")) - 2:])[:4]
     t0 = time.time()
-    v = rollout_video(world, text, null, hist, cam, a.chunks, K, Sampler(int(steps), float(shift), float(cfg)), 0,
-                      "bidirectional")
+    sampler = Sampler(int(steps), float(shift), float(cfg), history_sigma=float(hsig))
+    v = rollout_video(world, text, null, hist, cam, a.chunks, K, sampler, 0, "bidirectional")
     q = quality_scores(v, truth, K * tf)
     res[spec] = {"psnr_per_chunk": [round(x, 2) for x in q["psnr_per_chunk"]], "seconds": round(time.time() - t0, 1)}
     if idm is not None:
         follow = camera_scores(idm, torch.cat([last, v], 1), data.camera, hv, r.data.toyworld, K * tf)
         res[spec]["idm_accuracy"] = round(follow["accuracy"], 3)
         res[spec]["idm_accuracy_per_chunk"] = [round(x, 3) for x in follow["accuracy_per_chunk"]]
+    if a.dynamics_scenes:
+        d = dynamics_scores(world, text, null, r.data.toyworld, a.dynamics_scenes, a.dynamics_samples, H, 3, K,
+                            sampler, 1, "bidirectional", dev)
+        res[spec].update({k: round(d[k], 4) for k in ("dynamics", "dynamics_generated", "dynamics_generated_frozen",
+                                                      "dynamics_true")})
     videos[spec] = v
     print(spec, res[spec], flush=True)
     Path(a.out + ".json").write_text(json.dumps(res, indent=1))

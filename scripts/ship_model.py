@@ -2,7 +2,7 @@
 card kept or, for a file saved without one (an EMA taken from a checkpoint), written from a recipe,
 and a student's teacher path set relative to where it will live.
 
-    python scripts/ship_model.py SRC.safetensors DST_DIR [--recipe RECIPE.yaml] [--teacher PATH] [--sampler S:C:H]
+    python scripts/ship_model.py SRC.safetensors DST_DIR [--recipe RECIPE.yaml] [--teacher PATH] [--sampler S:C:H[:N]]
 
 Writes DST_DIR/model.safetensors (through a temporary name) with a fresh checksum.
 """
@@ -22,18 +22,26 @@ def main() -> None:
     ap.add_argument("dst", type=Path, help="folder to write model.safetensors into")
     ap.add_argument("--recipe", type=Path, help="recipe that made SRC, for a card when SRC has none")
     ap.add_argument("--teacher", type=Path, help="a student's teacher model file (stored relative to DST)")
-    ap.add_argument("--sampler", help="a teacher's sampler for its card, STEPS:CFG:SHIFT (e.g. 20:1.5:3), "
-                                      "replacing the one its recipe gave")
+    ap.add_argument("--sampler", help="a teacher's sampler for its card, STEPS:CFG:SHIFT[:HISTORY_SIGMA] (e.g. "
+                                      "20:1.5:3, or 20:1.5:3:0.1 for history noised to 0.1), replacing the one "
+                                      "its recipe gave")
     args = ap.parse_args()
     sampler = None
     if args.sampler is not None:
         try:
-            steps, cfg, shift = args.sampler.split(":")
-            sampler = {"steps": int(steps), "shift": float(shift), "cfg_scale": float(cfg)}
+            parts = args.sampler.split(":")
+            if len(parts) not in (3, 4):
+                raise ValueError
+            steps, cfg, shift, noise = (parts + ["0"])[:4]
+            sampler = {"steps": int(steps), "shift": float(shift), "cfg_scale": float(cfg),
+                       "history_sigma": float(noise)}
         except ValueError:
-            raise SystemExit(f"--sampler: expected STEPS:CFG:SHIFT such as 20:1.5:3, got {args.sampler!r}") from None
-        if sampler["steps"] < 1 or sampler["shift"] <= 0 or sampler["cfg_scale"] < 0:
-            raise SystemExit(f"--sampler: steps must be >= 1, shift > 0 and CFG >= 0, got {args.sampler!r}")
+            raise SystemExit(f"--sampler: expected STEPS:CFG:SHIFT[:HISTORY_SIGMA] such as 20:1.5:3, "
+                             f"got {args.sampler!r}") from None
+        if (sampler["steps"] < 1 or sampler["shift"] <= 0 or sampler["cfg_scale"] < 0
+                or not 0 <= sampler["history_sigma"] < 1):
+            raise SystemExit(f"--sampler: steps must be >= 1, shift > 0, CFG >= 0 and history sigma in [0, 1), "
+                             f"got {args.sampler!r}")
 
     from biwm.core.checkpoint import DIGEST_KEY, atomic_save_tensors, load_tensors, read_metadata
     from biwm.core.stages.common import CARD_KEY

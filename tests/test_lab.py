@@ -212,7 +212,7 @@ def test_a_teacher_card_carries_its_recipes_evaluate_sampler(tmp_path):
     data["stages"] = [data["stages"][0], {"stage": "evaluate", "steps": 7, "shift": 1.5, "cfg_scale": 2.0}]
     ctx = RunContext(validate_recipe(data), tmp_path / "run")
     card = __import__("json").loads(next(iter(model_card(ctx, "finetune").values())))
-    assert card["sampler"] == {"steps": 7, "shift": 1.5, "cfg_scale": 2.0}
+    assert card["sampler"] == {"steps": 7, "shift": 1.5, "cfg_scale": 2.0, "history_sigma": 0.0}
     evaluate = recipe_data_from_card(card, tmp_path, tmp_path / "m.safetensors")["stages"][0]
     assert (evaluate["steps"], evaluate["shift"], evaluate["cfg_scale"]) == (7, 1.5, 2.0)
     student = {**card, "sampler": {"steps": 4, "shift": 5.0, "student": True}}
@@ -281,6 +281,14 @@ def test_ship_model_halves_the_file_and_keeps_a_loadable_card(tmp_path):
     assert done.returncode == 0, done.stderr
     _, sampler = biwm.load(tmp_path / "cfg" / "model.safetensors")
     assert (sampler.steps, sampler.cfg_scale, sampler.shift, sampler.student) == (12, 1.5, 2.0, False)
-    bad = subprocess.run(ship[:-1] + [str(tmp_path / "bad"), "--sampler", "12:1.5"], capture_output=True, text=True)
-    assert bad.returncode != 0 and "--sampler: expected STEPS:CFG:SHIFT" in bad.stderr
-    assert not (tmp_path / "bad").exists()
+    assert sampler.history_sigma == 0.0
+    done = subprocess.run(ship[:-1] + [str(tmp_path / "noised"), "--sampler", "12:1.5:2:0.1"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    _, sampler = biwm.load(tmp_path / "noised" / "model.safetensors")
+    assert (sampler.steps, sampler.history_sigma) == (12, 0.1) and "history noised to 0.1" in sampler.describe()
+    for spec, message in (("12:1.5", "--sampler: expected STEPS:CFG:SHIFT"),
+                          ("12:1.5:2:1.5", "history sigma in [0, 1)")):
+        bad = subprocess.run(ship[:-1] + [str(tmp_path / "bad"), "--sampler", spec], capture_output=True, text=True)
+        assert bad.returncode != 0 and message in bad.stderr, spec
+        assert not (tmp_path / "bad").exists()

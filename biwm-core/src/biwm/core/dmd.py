@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from biwm.core.camera import CameraTrack
 from biwm.core.sampling import few_step_chunk, guided_velocity, student_sigmas  # noqa: F401 (re-exported)
 from biwm.core.schedule import TIMESTEP_SCALE, add_noise, predict_x0, timestep, training_sigmas, velocity_target
-from biwm.core.window import Window, WorldModel
+from biwm.core.window import Window, WorldModel, noise_history
 
 
 @dataclass
@@ -38,9 +38,11 @@ class RolledChunk:
 
 def self_rollout(world: WorldModel, text: Tensor, history: Tensor, camera: CameraTrack | None, chunks: int,
                  chunk_frames: int, sigmas: Tensor, generator: torch.Generator, exit_step: int | None = None,
-                 attention: str = "bidirectional") -> list[RolledChunk]:
+                 attention: str = "bidirectional", history_sigma: float = 0.0) -> list[RolledChunk]:
     """``chunks`` chunks, each conditioned on the true ``history`` followed by the student's own
-    (detached) earlier chunks. ``camera`` (latent-aligned, video rate) covers all of them."""
+    (detached) earlier chunks. ``camera`` (latent-aligned, video rate) covers all of them.
+    ``history_sigma`` > 0 noises each chunk's history to that level, as the student samples at
+    inference (the teacher and critic then judge the chunk in that same noised window)."""
     bb = world.backbone
     tf = bb.temporal_factor
     batch, channels = history.shape[0], history.shape[1]
@@ -55,6 +57,8 @@ def self_rollout(world: WorldModel, text: Tensor, history: Tensor, camera: Camer
         end = history.shape[2] + chunk_frames
         window = Window(text=text, chunk=history.new_zeros(shape), timestep=history.new_zeros(batch), history=history,
                         camera=None if camera is None else camera.frames(slice(0, end * tf)), attention=attention)
+        if history_sigma > 0:
+            window = noise_history(window, history_sigma, torch.randn(history.shape, generator=generator).to(device))
         x0 = few_step_chunk(world, window, sigmas, noise, exit_step)
         out.append(RolledChunk(x0, window))
         history = torch.cat([history, x0.detach()], dim=2)

@@ -23,7 +23,7 @@ from biwm.core.idm import InverseDynamicsModel, action_accuracy, evaluate_idm
 from biwm.core.metrics import (diversity, finite_mean, motion, per_chunk, pose_errors, psnr, psnr_per_chunk,
                                 sharpness, ssim)
 from biwm.core.rollout import rollout
-from biwm.core.sampling import Sampler, student_sigmas  # noqa: F401 (Sampler: re-exported)
+from biwm.core.sampling import Sampler  # noqa: F401 (re-exported)
 from biwm.core.toyworld import ToyClips, ToyWorldConfig, render_clips, split_seeds
 from biwm.core.video import as_uint8
 from biwm.core.window import WorldModel
@@ -61,7 +61,7 @@ def rollout_video(world: WorldModel, text: Tensor, null_text: Tensor, history: T
 
     rollout(world, text, null_text, history, latent_aligned_camera(camera, bb.temporal_factor).to(device), chunks,
             chunk_frames, sampler.steps, sampler.shift, sampler.cfg_scale, generator, attention, on_chunk=decoded,
-            student_sigmas=student_sigmas(sampler.steps, sampler.shift) if sampler.student else None)
+            sampler=sampler)
     return torch.cat(pieces, dim=2).transpose(1, 2)
 
 

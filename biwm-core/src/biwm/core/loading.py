@@ -27,4 +27,5 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Wo
     ctx = RunContext(recipe=recipe, run_dir=run_dir, console=Console(quiet=True))
     world = load_world_model(ctx, init=weights, report=False).to(device).eval()
     evaluate = recipe.stages[0]
-    return world, sampler_for(ctx, weights, evaluate.steps, evaluate.shift, evaluate.cfg_scale)
+    return world, sampler_for(ctx, weights, evaluate.steps, evaluate.shift, evaluate.cfg_scale,
+                              evaluate.history_sigma)

@@ -18,7 +18,8 @@ from biwm.core.window import WorldModel
 def rollout(world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor | None, camera: CameraTrack | None,
             chunks: int, chunk_frames: int, steps: int, shift: float, cfg_scale: float = 1.0,
             generator: torch.Generator | None = None, attention: AttentionMode = "bidirectional",
-            on_chunk: Callable[[int, Tensor], None] | None = None, student_sigmas: Tensor | None = None) -> Tensor:
+            on_chunk: Callable[[int, Tensor], None] | None = None, student_sigmas: Tensor | None = None,
+            sampler: Sampler | None = None) -> Tensor:
     """Generate ``chunks`` chunks of ``chunk_frames`` latent frames after ``history``.
 
     ``camera`` is latent-aligned at video rate and covers history + all generated frames.
@@ -26,12 +27,15 @@ def rollout(world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor 
     each chunk as soon as it is done (streaming decode). A CUDA ``generator`` keeps the loop free of
     host synchronisation (see :mod:`biwm.core.speed`). With ``student_sigmas`` (a distilled
     generator) each chunk takes those few steps, re-noising its x̂0 in between, without guidance.
+    A whole ``sampler`` (e.g. one with ``history_sigma``) replaces steps, shift, cfg_scale and
+    student_sigmas.
     """
     if history is None:
         raise ValueError("rollout needs at least the latent grid size: pass history (possibly with 0 frames)")
     tf = world.backbone.temporal_factor
     h_len = history.shape[2]
-    sampler = Sampler(steps, shift, cfg_scale, student=student_sigmas is not None, student_schedule=student_sigmas)
+    if sampler is None:
+        sampler = Sampler(steps, shift, cfg_scale, student=student_sigmas is not None, student_schedule=student_sigmas)
     session = RolloutSession(world, text, null_text, history, sampler,
                              None if camera is None else camera.frames(slice(0, h_len * tf)), generator, attention,
                              chunk_frames)

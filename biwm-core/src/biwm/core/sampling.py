@@ -21,7 +21,7 @@ from torch import Tensor
 from biwm.core.camera import CameraTrack
 from biwm.core.protocols import AttentionMode
 from biwm.core.schedule import add_noise, euler_step, predict_x0, sampling_sigmas, shift_sigma, timestep
-from biwm.core.window import Window, WorldModel
+from biwm.core.window import Window, WorldModel, noise_history
 
 
 def guided_velocity(world: WorldModel, window: Window, null_text: Tensor, cfg_scale: float) -> Tensor:
@@ -39,6 +39,7 @@ def guided_velocity(world: WorldModel, window: Window, null_text: Tensor, cfg_sc
         camera=None if cam is None else CameraTrack.cat([cam, cam]),
         control_mask=torch.cat([torch.ones(b), torch.zeros(b)]).to(window.chunk.device),
         attention=window.attention,
+        history_sigma=None if window.history_sigma is None else window.history_sigma.repeat(2),
     )
     cond, uncond = world(doubled).chunk(2)
     return uncond + cfg_scale * (cond - uncond)
@@ -84,22 +85,26 @@ def randn(shape, generator: torch.Generator | None, device: torch.device) -> Ten
 class Sampler:
     """How each chunk is denoised: Euler on the flow-matching ODE with optional CFG, or (``student``)
     a distilled generator's few steps, re-noising x̂0 in between, without CFG. ``student_schedule``
-    gives the student's sigmas explicitly (default: :func:`student_sigmas` of steps and shift)."""
+    gives the student's sigmas explicitly (default: :func:`student_sigmas` of steps and shift).
+    ``history_sigma`` > 0 noises the history to that level once per chunk (fresh noise from the
+    generator) and tells the model, for a model trained with noised history (``history_sigma_max``)."""
 
     steps: int = 20
     shift: float = 3.0
     cfg_scale: float = 1.0
     student: bool = False
     student_schedule: Tensor | None = None
+    history_sigma: float = 0.0
 
     @property
     def nfe_per_chunk(self) -> int:
         return self.steps * (2 if self.cfg_scale != 1.0 and not self.student else 1)
 
     def describe(self) -> str:
+        noised = f", history noised to {self.history_sigma:g}" if self.history_sigma > 0 else ""
         if self.student:
-            return f"distilled generator, {self.steps} steps (shift {self.shift}), no CFG"
-        return f"{self.steps} Euler steps (shift {self.shift}), CFG {self.cfg_scale}"
+            return f"distilled generator, {self.steps} steps (shift {self.shift}), no CFG{noised}"
+        return f"{self.steps} Euler steps (shift {self.shift}), CFG {self.cfg_scale}{noised}"
 
     @torch.no_grad()
     def sample_chunk(self, world: WorldModel, window: Window, null_text: Tensor,
@@ -108,6 +113,8 @@ class Sampler:
         draws its re-noising from ``generator``."""
         x = window.chunk
         batch, device = x.shape[0], x.device
+        if self.history_sigma > 0 and window.history_length:
+            window = noise_history(window, self.history_sigma, randn(window.history.shape, generator, device))
         if self.student:
             sigmas = self.student_schedule if self.student_schedule is not None else student_sigmas(
                 self.steps, self.shift)

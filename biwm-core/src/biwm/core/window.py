@@ -3,7 +3,8 @@
 A window holds the clean history latents (frames 0..H-1), the noisy chunk (frames H..H+K-1),
 one camera track covering both, text conditioning and the attention mode. ``WorldModel``
 turns it into a token sequence (compressed history + chunk), runs the backbone with per-token
-timesteps (history 0) and un-embeds the chunk's tokens only.
+timesteps (history 0, or its noise level when the history is noised: :func:`noise_history`) and
+un-embeds the chunk's tokens only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor, nn
 
 from biwm.core.camera import CameraTrack
 from biwm.core.protocols import AttentionMode, Backbone, HistoryTokens, grid_positions
+from biwm.core.schedule import add_noise, timestep
 
 
 @dataclass
@@ -26,6 +28,7 @@ class Window:
     camera: CameraTrack | None = None  # video rate, (H + K) * temporal_factor frames
     control_mask: Tensor | None = None  # [B] 1 keeps control, 0 drops it (classifier-free guidance)
     attention: AttentionMode = "bidirectional"
+    history_sigma: Tensor | None = None  # [B] noise level of the history (None: clean); see noise_history
 
     @property
     def history_length(self) -> int:
@@ -33,6 +36,19 @@ class Window:
 
     def with_chunk(self, chunk: Tensor, timestep: Tensor) -> "Window":
         return replace(self, chunk=chunk, timestep=timestep)
+
+
+def noise_history(window: Window, sigma: Tensor | float, noise: Tensor) -> Window:
+    """``window`` with its history noised to flow-matching level ``sigma`` ([B] or one level) with
+    ``noise`` (the history's shape), the level recorded so the model sees it as the history tokens'
+    timestep (noise augmentation of the context, as GameNGen and Diffusion Forcing train: a model that
+    knows its history may be imperfect leans less on the artefacts of its own earlier chunks)."""
+    if window.history is None or window.history.shape[2] == 0:
+        return window
+    b = window.history.shape[0]
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=window.history.device).expand(b)
+    return replace(window, history=add_noise(window.history, noise.to(window.history.dtype), sigma),
+                   history_sigma=sigma)
 
 
 def relative_to_frame(camera: CameraTrack, frame: int) -> CameraTrack:
@@ -132,7 +148,9 @@ class WorldModel(nn.Module):
             n_hist = history.length
             seq = torch.cat([history.tokens.to(chunk_seq.dtype), chunk_seq], dim=1)
             positions = torch.cat([history.positions, chunk_pos], dim=0)
-            timesteps = torch.cat([t_chunk.new_zeros(batch, n_hist), t_chunk], dim=1)
+            t_hist = t_chunk.new_zeros(batch, n_hist) if window.history_sigma is None else \
+                timestep(window.history_sigma.to(t_chunk))[:, None].expand(batch, n_hist)
+            timesteps = torch.cat([t_hist, t_chunk], dim=1)
             modulation = None
             if chunk_mod is not None:
                 hist_mod = history.modulation if history.modulation is not None else chunk_mod.new_zeros(

@@ -48,6 +48,7 @@ class DistilledModel(Strict):
     stage: Literal["distill"]
     student_steps: int = Field(ge=1, le=1000)
     student_shift: float = Field(gt=0)
+    student_history_sigma: float = Field(0.0, ge=0, lt=1)
     teacher: str = Field("", description="the teacher's model file, relative to this one (or absolute)")
 
 
@@ -79,19 +80,22 @@ def weights_metadata(ctx: "RunContext", init: Path | None) -> dict[str, str]:
     return model_metadata(source) if source is not None else {}
 
 
-def sampler_for(ctx: "RunContext", init: Path | None, steps: int, shift: float, cfg_scale: float):
+def sampler_for(ctx: "RunContext", init: Path | None, steps: int, shift: float, cfg_scale: float,
+                history_sigma: float = 0.0):
     """The stage's sampler, unless the weights are a distilled generator: then its own few steps,
-    no CFG (recorded in the weights' metadata by the distill stage)."""
+    no CFG, and the history noise it was distilled with (recorded in the weights' metadata by the
+    distill stage)."""
     from biwm.core.evaluation import Sampler
 
     meta = weights_metadata(ctx, init)
     if meta.get("stage") == "distill":
-        sampler = Sampler(int(meta["student_steps"]), float(meta["student_shift"]), 1.0, student=True)
+        sampler = Sampler(int(meta["student_steps"]), float(meta["student_shift"]), 1.0, student=True,
+                          history_sigma=float(meta.get("student_history_sigma", 0.0)))
         if meta.get("teacher") and ctx.run_dir.resolve() not in Path(meta["teacher"]).resolve().parents:
             ctx.console.print(f"[yellow]the distilled model's teacher is outside this run[/]: {meta['teacher']}",
                               highlight=False)
     else:
-        sampler = Sampler(steps, shift, cfg_scale)
+        sampler = Sampler(steps, shift, cfg_scale, history_sigma=history_sigma)
     ctx.console.print(f"sampling: {sampler.describe()}")
     return sampler
 
@@ -108,8 +112,8 @@ def model_card(ctx: "RunContext", stage: str, sampler: dict | None = None) -> di
     snapshot = ctx.recipe.snapshot()
     if sampler is None:  # a teacher samples as its recipe's (last) evaluate stage says, when it has one
         evaluate = [s for s in ctx.recipe.stages if getattr(s, "stage", None) == "evaluate"]
-        sampler = ({"steps": evaluate[-1].steps, "shift": evaluate[-1].shift, "cfg_scale": evaluate[-1].cfg_scale}
-                   if evaluate else {})
+        sampler = ({"steps": evaluate[-1].steps, "shift": evaluate[-1].shift, "cfg_scale": evaluate[-1].cfg_scale,
+                    "history_sigma": evaluate[-1].history_sigma} if evaluate else {})
     card = {"format": 1, "name": snapshot["name"], "stage": stage, "model": snapshot["model"],
             "data": snapshot["data"], "sampler": sampler}
     return {CARD_KEY: json.dumps(card, sort_keys=True)}
@@ -136,6 +140,6 @@ def recipe_data_from_card(card: dict, run_dir: Path, weights: Path) -> dict:
     sampler = card.get("sampler") or {}
     evaluate = {"stage": "evaluate", "init": str(Path(weights).resolve())}
     if not sampler.get("student"):  # a distilled generator's own steps come from its metadata (sampler_for)
-        evaluate.update({k: sampler[k] for k in ("steps", "shift", "cfg_scale") if k in sampler})
+        evaluate.update({k: sampler[k] for k in ("steps", "shift", "cfg_scale", "history_sigma") if k in sampler})
     return {"name": card.get("name", "model"), "run_dir": str(run_dir), "data": card["data"], "model": card["model"],
             "stages": [evaluate]}

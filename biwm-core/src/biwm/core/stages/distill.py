@@ -39,6 +39,8 @@ class DistillConfig(Strict):
     chunk_frames: int = Field(4, ge=1, description="latent frames per chunk (K)")
     student_steps: int = Field(4, ge=1, description="denoising steps of the distilled generator")
     student_shift: float = Field(5.0, gt=0, description="shift warping the student's evenly spaced timesteps")
+    history_sigma: float = Field(0.0, ge=0, lt=1, description="noise the student's history to this level in its "
+                                 "rollouts and at inference (for a teacher trained with history_sigma_max; 0: clean)")
     generator_every: int = Field(5, ge=1, description="generator update every N critic updates")
     generator_lr: float = Field(1e-5, gt=0)
     critic_lr: float = Field(2e-6, gt=0)
@@ -150,7 +152,7 @@ class Distiller:
         train_generator = it % cfg.generator_every == 0
         with torch.set_grad_enabled(train_generator):
             rolled = self_rollout(self.generator, text, history, camera, cfg.chunks, cfg.chunk_frames, sigmas, rng,
-                                  exit_step, self.attention)
+                                  exit_step, self.attention, cfg.history_sigma)
 
         def real_chunk(c: int) -> RolledChunk:
             """The true chunk c after its true history, in the window of the same length."""
@@ -274,9 +276,11 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
     model_file = stage_dir / "model.safetensors"
     # the teacher relative to the model file, so a run folder that moves keeps its teacher
     teacher = os.path.relpath(Path(teacher_weights).resolve(), model_file.parent.resolve()) if teacher_weights else ""
-    card = model_card(ctx, "distill", {"steps": cfg.student_steps, "shift": cfg.student_shift, "student": True})
+    card = model_card(ctx, "distill", {"steps": cfg.student_steps, "shift": cfg.student_shift, "student": True,
+                                       "history_sigma": cfg.history_sigma})
     save_weights(model_file, final, {"stage": "distill", "student_steps": str(cfg.student_steps),
-                                     "student_shift": str(cfg.student_shift), "teacher": teacher, **card})
+                                     "student_shift": str(cfg.student_shift),
+                                     "student_history_sigma": str(cfg.history_sigma), "teacher": teacher, **card})
     return {"distill_iterations": it, **counts,
             "distill_generator_loss_last": history_g[-1] if history_g else None,
             "distill_critic_loss_last": sum(history_c[-10:]) / max(1, len(history_c[-10:])) if history_c else None,

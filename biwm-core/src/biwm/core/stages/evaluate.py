@@ -26,6 +26,8 @@ class EvaluateConfig(Strict):
     steps: int = Field(20, ge=1, description="denoising steps per chunk")
     shift: float = Field(3.0, gt=0)
     cfg_scale: float = Field(1.0, ge=0, description="classifier-free guidance on text and control (1 = off)")
+    history_sigma: float = Field(0.0, ge=0, lt=1, description="noise the history to this level before each chunk "
+                                 "(for a model trained with stages.finetune.history_sigma_max; 0: clean history)")
     shuffled_baseline: bool = Field(True, description="also roll out with another trajectory's actions")
     dynamics_scenes: int = Field(4, ge=0, description="still-camera scenes for dynamics and diversity (0: skip)")
     diversity_samples: int = Field(4, ge=2, description="rollouts per still-camera scene")
@@ -39,6 +41,7 @@ class EvaluateConfig(Strict):
                                                    "same trajectories (teacher_* and student_* metrics)")
     teacher_steps: int = Field(50, ge=1, description="the teacher's Euler steps per chunk")
     teacher_cfg: float = Field(3.0, ge=0, description="the teacher's classifier-free guidance")
+    teacher_history_sigma: float = Field(0.0, ge=0, lt=1, description="the teacher's history noise (history_sigma)")
     seed: int = 0
     init: InputFile | None = Field(None, description="biwm model.safetensors to evaluate (default: previous stage)")
     write_report: bool = Field(True, description="write report.md and the PNG plots")
@@ -93,7 +96,7 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
     truth = data.frames[:, h_video:]
     last_history = data.frames[:, h_video - 1:h_video]
     per_chunk = cfg.chunk_frames * tf
-    sampler = sampler_for(ctx, cfg.init, cfg.steps, cfg.shift, cfg.cfg_scale)
+    sampler = sampler_for(ctx, cfg.init, cfg.steps, cfg.shift, cfg.cfg_scale, cfg.history_sigma)
     shuffled = cfg.shuffled_baseline and n > 1
     total_chunks = cfg.chunks * (2 if shuffled else 1) + (cfg.dynamics_chunks if cfg.dynamics_scenes else 0)
     if sampler.student and cfg.compare_teacher:
@@ -169,7 +172,7 @@ def teacher_scores(ctx, cfg: EvaluateConfig, path: Path, student: dict, score, r
         ctx.console.print(f"[yellow]teacher weights {path} not found; no teacher comparison[/]")
         return {}
     teacher = load_world_model(ctx, init=path).to(ctx.device).eval()
-    sampler = Sampler(cfg.teacher_steps, cfg.shift, cfg.teacher_cfg)
+    sampler = Sampler(cfg.teacher_steps, cfg.shift, cfg.teacher_cfg, history_sigma=cfg.teacher_history_sigma)
     ctx.console.print(f"teacher: {sampler.describe()}")
     quality, follow = score(roll(teacher, sampler))
     return {"teacher_psnr": quality["psnr"], "teacher_psnr_per_chunk": quality["psnr_per_chunk"],

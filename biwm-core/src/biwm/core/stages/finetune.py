@@ -33,6 +33,10 @@ class FinetuneConfig(Strict):
     no_history_prob: float = Field(0.1, ge=0, le=1, description="probability of a first-chunk window (no history)")
     history_noise: float = Field(0.0, ge=0, description="std of noise added to history latents (self-correction)")
     history_noise_prob: float = Field(0.5, ge=0, le=1)
+    history_sigma_max: float = Field(0.0, ge=0, le=1, description=(
+        "noise augmentation of the history: each sample's history is noised to a flow-matching level drawn "
+        "uniformly from [0, history_sigma_max], and the model is told the level (its history tokens' timestep); "
+        "sample such a model with evaluate.history_sigma > 0 (0: off)"))
     text_dropout: float = Field(0.1, ge=0, le=1)
     control_dropout: float = Field(0.1, ge=0, le=1)
     timestep_shift: float = Field(3.0, gt=0, description="shift of the training sigma distribution")
@@ -108,7 +112,7 @@ def finetune_loss(world, cfg: FinetuneConfig, x0: torch.Tensor, history: torch.T
     Every random draw comes from ``generator`` on its own device (a CUDA generator keeps the step
     free of host-to-device copies)."""
     from biwm.core.schedule import add_noise, timestep, training_sigmas, velocity_target
-    from biwm.core.window import Window
+    from biwm.core.window import Window, noise_history
 
     device = x0.device
     where = generator.device
@@ -123,11 +127,17 @@ def finetune_loss(world, cfg: FinetuneConfig, x0: torch.Tensor, history: torch.T
         noisy = (rand(b) < cfg.history_noise_prob).float()
         history = history + cfg.history_noise * noisy.view(-1, 1, 1, 1, 1) * torch.randn(
             history.shape, generator=generator, device=where).to(device)
+    history_sigma = None
+    if cfg.history_sigma_max > 0 and history.shape[2]:
+        history_sigma = rand(b) * cfg.history_sigma_max
     drop_text = rand(b) < cfg.text_dropout
     batch_text = torch.where(drop_text.view(-1, 1, 1), null_text.expand_as(text), text)
     control_mask = (rand(b) >= cfg.control_dropout).float()
     window = Window(text=batch_text, chunk=add_noise(x0, noise, sigma), timestep=timestep(sigma), history=history,
                     camera=camera, control_mask=control_mask, attention=attention)
+    if history_sigma is not None:
+        window = noise_history(window, history_sigma, torch.randn(history.shape, generator=generator,
+                                                                  device=where).to(device))
     with torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
         velocity = world(window)
     return torch.nn.functional.mse_loss(velocity.float(), velocity_target(x0, noise).float())

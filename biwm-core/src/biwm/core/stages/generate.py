@@ -22,6 +22,8 @@ class GenerateConfig(Strict):
     steps: int = Field(20, ge=1, description="denoising steps per chunk")
     shift: float = Field(3.0, gt=0)
     cfg_scale: float = Field(1.0, ge=0, description="classifier-free guidance on text and control (1 = off)")
+    history_sigma: float = Field(0.0, ge=0, lt=1, description="noise the history to this level before each chunk "
+                                 "(for a model trained with stages.finetune.history_sigma_max; 0: clean history)")
     shuffled_baseline: bool = Field(True, description="also roll out with another trajectory's actions")
     keys: str | None = Field(None, description="also roll out this key string (e.g. 'w*8,j*4') from the first held-out scene")
     fps: int = Field(8, ge=1)
@@ -98,7 +100,7 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
     h_video = video_frames_for(h_lat, tf)
     truth = data.frames[:, h_video:]  # [N, T', 3, H, W] uint8
 
-    sampler = sampler_for(ctx, cfg.init, cfg.steps, cfg.shift, cfg.cfg_scale)
+    sampler = sampler_for(ctx, cfg.init, cfg.steps, cfg.shift, cfg.cfg_scale, cfg.history_sigma)
 
     def generate(camera: CameraTrack, label: str, rows: slice = slice(None)) -> torch.Tensor:
         with ctx.console.status(f"rollout ({label}): {cfg.chunks} chunks x {cfg.steps} steps"):
