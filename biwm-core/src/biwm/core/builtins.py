@@ -27,3 +27,24 @@ def register_losses(register):
 
     register("dmd", DMD, options=DMDOptions,
              description="distribution matching: teacher (with CFG) minus critic score on self-rollouts")
+
+
+@hookimpl
+def register_stages(register):
+    # Config models only: each runner is a "module:function" string, imported when its stage runs.
+    from biwm.core.stages.distill import DistillConfig
+    from biwm.core.stages.evaluate import EvaluateConfig
+    from biwm.core.stages.export import ExportConfig
+    from biwm.core.stages.finetune import FinetuneConfig
+    from biwm.core.stages.generate import GenerateConfig
+
+    register("finetune", FinetuneConfig, "biwm.core.stages.finetune:run",
+             description="teach the backbone the next chunk given history and camera/action control")
+    register("distill", DistillConfig, "biwm.core.stages.distill:run",
+             description="distil a few-step student on its own rollouts (losses: dmd and plugins)")
+    register("generate", GenerateConfig, "biwm.core.stages.generate:run",
+             description="roll the model out on held-out clips: videos, strips, chunk PSNR")
+    register("evaluate", EvaluateConfig, "biwm.core.stages.evaluate:run",
+             description="score camera following (IDM), quality and drift; report.md and plots")
+    register("export", ExportConfig, "biwm.core.stages.export:run",
+             description="write the diffusers transformer folder, the BiWM parts and the model card")

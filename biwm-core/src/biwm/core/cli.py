@@ -1,4 +1,9 @@
-"""The ``biwm`` command: list-plugins, validate, run, eval, compare, data toyworld, idm train."""
+"""The ``biwm`` command: list-plugins, validate, run, eval, compare, data toyworld, idm train, and
+the commands plugins add (``register_commands``); ``biwm run`` runs built-in and plugin stages
+alike (``register_stages``).
+
+Everything past typer and rich is imported inside the command that needs it, and only the command
+registry is built for ``--help``: the CLI imports no stage, runner or loss it does not use."""
 
 from __future__ import annotations
 

@@ -1,7 +1,10 @@
 """pluggy hook specifications: one registration callback per plugin kind.
 
 A plugin module implements any of these with ``@biwm.core.hookimpl`` and calls ``register(name,
-factory, options=..., description=...)`` for each thing it provides (the pattern of simonw/llm).
+factory, options=..., description=...)`` for each thing it provides (the pattern of simonw/llm);
+``register_stages`` takes ``register(name, config, runner, description=...)``. Core's own
+controls, compressor ``none``, loss ``dmd`` and five stages are registered through the same hooks,
+in :mod:`biwm.core.builtins`.
 """
 
 import pluggy
@@ -33,6 +36,20 @@ def register_losses(register):
 @hookspec
 def register_quantizers(register):
     """Register Quantizer factories."""
+
+
+@hookspec
+def register_stages(register):
+    """Register recipe stages: ``register(name, config, runner, description=...)``.
+
+    ``config`` is the stage's pydantic model: a recipe's ``stages:`` item ``{stage: NAME, ...}`` is
+    validated by it (errors name the field) and handed to the runner. Give it a field
+    ``stage: Literal["NAME"] = "NAME"``, or it is added; a model that is not a
+    :class:`biwm.core.config.Strict` one is range-checked like every plugin's options.
+    ``runner(ctx, config, stage_dir) -> dict`` runs the stage (``ctx`` is the
+    :class:`biwm.core.runner.RunContext`; the dict is the stage's metrics). It may be given as a
+    ``"module:function"`` string, imported only when the stage runs, so listing or validating
+    stages imports no runner."""
 
 
 @hookspec

@@ -1,14 +1,20 @@
 """The plugin manager and the per-kind registries.
 
 Entry points in group ``biwm`` are loaded lazily, once, on the first registry lookup; then
-core's built-in module is registered the same way (it is just another hookimpl module). A
-plugin that fails to import, or whose registration hook raises (a factory that cannot be called
-as the protocols say, a compressor that is not an ``nn.Module``), is recorded as broken and the
-rest keep working. ``BIWM_DISABLE_PLUGINS=a,b`` blocks plugin modules by entry-point name
-(``compressors``) and single plugins by name (``framepack``); a name that is neither is warned about.
+core's built-in module is registered the same way (it is just another hookimpl module). Each
+kind's registry is built on its first lookup, so ``biwm --help`` (commands only) calls no other
+kind's hook and imports nothing those hooks import. A plugin that fails to import, or whose
+registration hook raises (a factory that cannot be called as the protocols say, a compressor
+that is not an ``nn.Module``, a stage runner that is neither callable nor ``"module:function"``),
+is recorded as broken and the rest keep working. ``BIWM_DISABLE_PLUGINS=a,b`` blocks plugin
+modules by entry-point name (``compressors``) and single plugins by name (``framepack``); a name
+that is neither is warned about.
 
 Every options model is registered as a subclass that forbids unknown fields and out-of-range
-numbers (:func:`biwm.core.config.range_checked`), whatever the plugin declared.
+numbers (:func:`biwm.core.config.range_checked`), whatever the plugin declared. A stage's config
+model is the options of kind ``stage`` (its factory is the stage's runner): it is kept as it is
+when it derives from :class:`biwm.core.config.Strict`, and gets a ``stage: Literal[name]`` field
+(the tag a recipe's ``stages:`` item is picked by) when it has none.
 """
 
 from __future__ import annotations
@@ -16,16 +22,18 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 import traceback
+import typing
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import pluggy
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, create_model
 
 from biwm.core import hookspecs
-from biwm.core.config import range_checked
+from biwm.core.config import Strict, range_checked
 
 KINDS: dict[str, str] = {
     "backbone": "register_backbones",
@@ -33,12 +41,14 @@ KINDS: dict[str, str] = {
     "compressor": "register_compressors",
     "loss": "register_losses",
     "quantizer": "register_quantizers",
+    "stage": "register_stages",
     "command": "register_commands",
 }
 BUILTIN_MODULES = {"core": "biwm.core.builtins"}
 # Kinds whose factories are called as factory(options, backbone=...); the others as factory(options).
 WITH_BACKBONE = ("control", "compressor", "loss")
 DISABLE_ENV = "BIWM_DISABLE_PLUGINS"
+LAZY_OBJECT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # "module:function", imported when first used
 
 
 class NoOptions(BaseModel):
@@ -53,7 +63,7 @@ class PluginSpec:
 
     kind: str
     name: str
-    factory: Callable[..., Any]
+    factory: Callable[..., Any] | str  # a stage's runner may be a lazy "module:function"
     options: type[BaseModel]
     description: str
     plugin: str
@@ -68,6 +78,20 @@ class PluginSpec:
             _require_module(self.name, type(made), self.plugin)
         return made
 
+    def load(self) -> Callable[..., Any]:
+        """The factory (a stage's runner) itself: a lazy ``"module:function"`` is imported now."""
+        if not isinstance(self.factory, str):
+            return self.factory
+        module_name, _, attribute = self.factory.partition(":")
+        try:
+            target: Any = importlib.import_module(module_name)
+            for part in attribute.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError) as exc:
+            raise ImportError(f"{self.kind} {self.name!r} of plugin {self.plugin!r}: cannot import "
+                              f"{self.factory!r} ({type(exc).__name__}: {exc})") from exc
+        return target
+
 
 def _require_module(name: str, made: type, plugin: str) -> None:
     from torch import nn
@@ -77,8 +101,13 @@ def _require_module(name: str, made: type, plugin: str) -> None:
                         "a compressor must be one (its parameters train and save with the model)")
 
 
-def _check_factory(kind: str, name: str, factory: Callable[..., Any], plugin: str) -> None:
-    """The factory must take what the registry passes: (options) or (options, backbone=...)."""
+def _check_factory(kind: str, name: str, factory: Callable[..., Any] | str, plugin: str) -> None:
+    """The factory must take what the registry passes: (options), (options, backbone=...), or for a
+    stage's runner (ctx, config, stage_dir); a stage's runner may also be a lazy "module:function"."""
+    if kind == "stage" and isinstance(factory, str):
+        if not LAZY_OBJECT.fullmatch(factory):
+            raise TypeError(f"stage {name!r}: runner {factory!r} is neither callable nor a 'module:function' string")
+        return  # imported when the stage runs
     if not callable(factory):
         raise TypeError(f"{kind} {name!r}: factory {factory!r} is not callable")
     if kind == "command":
@@ -87,14 +116,31 @@ def _check_factory(kind: str, name: str, factory: Callable[..., Any], plugin: st
         signature = inspect.signature(factory)
     except (TypeError, ValueError):
         return  # a builtin without a signature: nothing to check here
+    args, kwargs, call = (((None, None, None), {}, "runner(ctx, config, stage_dir)") if kind == "stage" else
+                          ((None,), {"backbone": None}, "factory(options, backbone=...)") if kind in WITH_BACKBONE
+                          else ((None,), {}, "factory(options)"))
     try:
-        signature.bind(None, **({"backbone": None} if kind in WITH_BACKBONE else {}))
+        signature.bind(*args, **kwargs)
     except TypeError as exc:
-        call = "factory(options, backbone=...)" if kind in WITH_BACKBONE else "factory(options)"
         raise TypeError(f"{kind} {name!r}: {getattr(factory, '__name__', factory)}{signature} cannot be called as "
                         f"{call} ({exc})") from None
     if kind == "compressor" and isinstance(factory, type):
         _require_module(name, factory, plugin)
+
+
+def _stage_config(name: str, config: type[BaseModel]) -> type[BaseModel]:
+    """A stage's config as recipes validate it: tagged by a ``stage: Literal[name]`` field (added
+    when the class has none), and range-checked unless it is a :class:`Strict` model already."""
+    tag = config.model_fields.get("stage")
+    if tag is None:
+        config = create_model(config.__name__, __base__=config, __module__=config.__module__,
+                              __doc__=config.__doc__, stage=(Literal[name], name))
+    elif typing.get_origin(tag.annotation) is not Literal or typing.get_args(tag.annotation) != (name,):
+        raise TypeError(f"stage {name!r}: {config.__name__}.stage must be Literal[{name!r}] (a recipe picks the "
+                        f"stage by it), not {tag.annotation!r}")
+    if issubclass(config, Strict) and config.model_config.get("extra") == "forbid":
+        return config
+    return range_checked(config)
 
 
 @dataclass
@@ -137,7 +183,7 @@ class PluginManager:
         self._pm.add_hookspecs(hookspecs)
         self._loaded = False
         self._statuses: dict[str, PluginStatus] = {}
-        self._registries: dict[str, dict[str, PluginSpec]] | None = None
+        self._registries: dict[str, dict[str, PluginSpec]] = {}  # per kind, built on its first lookup
         self._disabled_items: list[tuple[str, str, PluginStatus]] = []  # (kind, name, module) blocked by name
 
     def _disabled(self) -> set[str]:
@@ -188,40 +234,49 @@ class PluginManager:
         self._pm.register(module, name=name)
         self._statuses[name] = PluginStatus(name, dist, version, "ok")
 
-    def _build_registries(self) -> dict[str, dict[str, PluginSpec]]:
+    def _build_registry(self, kind: str) -> dict[str, PluginSpec]:
         self.load()
-        registries: dict[str, dict[str, PluginSpec]] = {kind: {} for kind in KINDS}
+        registry: dict[str, PluginSpec] = {}
         disabled = self._disabled()
-        for kind, hook_name in KINDS.items():
-            for impl in getattr(self._pm.hook, hook_name).get_hookimpls():
-                status = self._statuses[impl.plugin_name]
+        for impl in getattr(self._pm.hook, KINDS[kind]).get_hookimpls():
+            status = self._statuses[impl.plugin_name]
 
-                def register(name: str, factory: Callable[..., Any], options: type[BaseModel] = NoOptions,
-                             description: str = "", *, _kind: str = kind, _status: PluginStatus = status) -> None:
-                    if name in registries[_kind]:
-                        other = registries[_kind][name].plugin
-                        raise ValueError(f"{_kind} {name!r} is registered by both {other!r} and {_status.name!r}")
-                    if not (isinstance(options, type) and issubclass(options, BaseModel)):
-                        raise TypeError(f"{_kind} {name!r}: options must be a pydantic BaseModel class, got {options!r}")
-                    _check_factory(_kind, name, factory, _status.name)
-                    if name in disabled:
-                        self._disabled_items.append((_kind, name, _status))
-                        return
-                    registries[_kind][name] = PluginSpec(_kind, name, factory, range_checked(options), description,
-                                                         _status.name, _status.distribution, _status.version)
-                    _status.provides.append((_kind, name))
+            def add(name: str, factory: Callable[..., Any] | str, options: type[BaseModel], description: str,
+                    _status: PluginStatus = status) -> None:
+                if name in registry:
+                    raise ValueError(f"{kind} {name!r} is registered by both {registry[name].plugin!r} and "
+                                     f"{_status.name!r}")
+                if not (isinstance(options, type) and issubclass(options, BaseModel)):
+                    what = "config" if kind == "stage" else "options"
+                    raise TypeError(f"{kind} {name!r}: {what} must be a pydantic BaseModel class, got {options!r}")
+                _check_factory(kind, name, factory, _status.name)
+                if name in disabled:
+                    self._disabled_items.append((kind, name, _status))
+                    return
+                options = _stage_config(name, options) if kind == "stage" else range_checked(options)
+                registry[name] = PluginSpec(kind, name, factory, options, description, _status.name,
+                                            _status.distribution, _status.version)
+                _status.provides.append((kind, name))
 
-                try:
-                    impl.function(register=register)
-                except Exception as exc:
-                    status.status, status.error = "broken", _short_error(exc)
-        return registries
+            def register(name: str, factory: Callable[..., Any], options: type[BaseModel] = NoOptions,
+                         description: str = "") -> None:
+                add(name, factory, options, description)
+
+            def register_stage(name: str, config: type[BaseModel], runner: Callable[..., Any] | str,
+                               description: str = "") -> None:
+                add(name, runner, config, description)
+
+            try:
+                impl.function(register=register_stage if kind == "stage" else register)
+            except Exception as exc:
+                status.status, status.error = "broken", _short_error(exc)
+        return registry
 
     def registry(self, kind: str) -> dict[str, PluginSpec]:
         if kind not in KINDS:
             raise ValueError(f"unknown plugin kind {kind!r}; allowed: {', '.join(KINDS)}")
-        if self._registries is None:
-            self._registries = self._build_registries()
+        if kind not in self._registries:
+            self._registries[kind] = self._build_registry(kind)
         return self._registries[kind]
 
     def get(self, kind: str, name: str) -> PluginSpec:

@@ -1,8 +1,11 @@
 """Recipes: YAML -> pydantic models, with every error naming the field, the value and what is allowed.
 
 Validation is two-pass: the recipe's own schema (data, model, stages), then each plugin reference
-against the registry of its kind and the plugin's own options model. Relative input paths
-resolve against the recipe file's folder; ``run_dir`` resolves against the working directory.
+against the registry of its kind and the plugin's own options model. The stages are a plugin kind
+too: :func:`recipe_model` types ``stages:`` as the union of the registered stages' config models,
+told apart by their ``stage`` field, so a plugin's stage validates like a built-in one. Relative
+input paths resolve against the recipe file's folder; ``run_dir`` resolves against the working
+directory.
 """
 
 from __future__ import annotations
@@ -11,14 +14,13 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, Field, PrivateAttr, ValidationError, create_model, field_validator
 
 from biwm.core.config import PluginRef, Strict, _base_dir, show
 from biwm.core.plugins import PluginManager, UnknownPluginError, get_plugin_manager
-from biwm.core.stages import STAGE_CONFIGS
 from biwm.core.toyworld import ToyWorldConfig
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything larger is not one
@@ -44,16 +46,17 @@ class ToyWorldData(Strict):
     toyworld: ToyWorldConfig = Field(default_factory=ToyWorldConfig)
 
 
-StageConfig = Annotated[Union[tuple(STAGE_CONFIGS.values())], Field(discriminator="stage")]  # type: ignore[valid-type]
-
-
 class Recipe(Strict):
+    """A recipe. Validate one with :func:`validate_recipe`, which uses :func:`recipe_model`: this
+    base class leaves ``stages`` untyped, since the stages are whatever the plugins register."""
+
     name: str = "run"
     run_dir: Path = Path("runs/run")
     seed: int = Field(0, ge=0, lt=2**32)
     data: ToyWorldData = Field(default_factory=ToyWorldData)
     model: ModelConfig
-    stages: list[StageConfig] = Field(min_length=1)
+    stages: list[Any] = Field(min_length=1)  # each a stage's config model (see recipe_model)
+    stage_configs: ClassVar[dict[str, type[BaseModel]]] = {}  # name -> config model, set by recipe_model
     # Filled by validate_recipe: the resolved plugin options, keyed like the recipe (not a recipe field).
     _resolved: dict[str, Any] = PrivateAttr(default_factory=dict)
 
@@ -81,6 +84,31 @@ class Recipe(Strict):
             if key in self.resolved:
                 ref["options"] = self.resolved[key].model_dump(mode="json")
         return data
+
+
+_RECIPE_MODELS: dict[tuple[tuple[str, type[BaseModel]], ...], type[Recipe]] = {}
+
+
+def recipe_model(pm: PluginManager | None = None) -> type[Recipe]:
+    """:class:`Recipe` with ``stages`` typed by the stage registry: a list whose items are told apart
+    by ``stage`` and validated by that stage's config model (a plugin's as much as a built-in's).
+    Built once per set of registered stages."""
+    configs = {name: spec.options for name, spec in (pm or get_plugin_manager()).registry("stage").items()}
+    key = tuple(configs.items())
+    if key not in _RECIPE_MODELS:
+        item: Any = Annotated[Union[tuple(configs.values())], Field(discriminator="stage")] if configs else \
+            Annotated[Any, AfterValidator(_no_stages)]
+        model = create_model("Recipe", __base__=Recipe, __module__=__name__, stages=(list[item], Field(min_length=1)))
+        model.stage_configs = configs
+        if len(_RECIPE_MODELS) > 16:  # registries rebuilt with other plugins (tests): forget the old ones
+            _RECIPE_MODELS.clear()
+        _RECIPE_MODELS[key] = model
+    return _RECIPE_MODELS[key]
+
+
+def _no_stages(value: Any) -> Any:
+    tag = value.get("stage") if isinstance(value, dict) else value
+    raise ValueError(f"unknown stage {show(tag)}; allowed: (none installed)")
 
 
 class FieldError(Exception):
@@ -157,21 +185,24 @@ def _expected(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
     return f"; expected {describe(field.annotation)}" + (f" {', '.join(bounds)}" if bounds else "")
 
 
-def _pydantic_errors(exc: ValidationError, prefix: tuple[Any, ...], model: type[BaseModel]) -> list[FieldError]:
+def _pydantic_errors(exc: ValidationError, prefix: tuple[Any, ...], model: type[BaseModel],
+                     pm: PluginManager | None = None) -> list[FieldError]:
     out = []
+    stage_configs = getattr(model, "stage_configs", {}) if prefix == () else {}
     for err in exc.errors(include_url=False):
         raw = err["loc"]
         loc, where_model, sub = raw, model, raw
-        if prefix == () and len(raw) > 2 and raw[0] == "stages" and raw[2] in STAGE_CONFIGS:
+        if len(raw) > 2 and raw[0] == "stages" and raw[2] in stage_configs:
             loc = raw[:2] + raw[3:]  # drop the discriminator tag pydantic puts in the location
-            where_model, sub = STAGE_CONFIGS[raw[2]], raw[3:]
+            where_model, sub = stage_configs[raw[2]], raw[3:]
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             parent_fields = _fields_at(where_model, sub[:-1])
             msg = f"unknown field {show(loc[-1])}" + (f"; allowed: {', '.join(parent_fields)}" if parent_fields else "")
         elif err["type"] == "union_tag_invalid":
             tag = err["input"].get("stage") if isinstance(err["input"], dict) else err["input"]
-            msg = f"unknown stage {show(tag)}; allowed: {', '.join(STAGE_CONFIGS)}"
+            msg = _unknown_plugin("stage", UnknownPluginError("stage", tag, list(stage_configs)),
+                                  pm or get_plugin_manager())
         elif "input" in err and not isinstance(err["input"], dict):
             msg = f"{msg} (got {show(err['input'])}){_expected(where_model, sub)}"
         out.append(FieldError(_loc(prefix + loc), msg))
@@ -195,7 +226,7 @@ def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
 def _unknown_plugin(kind: str, exc: UnknownPluginError, pm: PluginManager) -> str:
     """The unknown-plugin message, with why a plugin that might provide it is missing."""
     text = f"unknown {kind} {show(exc.name)}; allowed: {', '.join(exc.allowed) or '(none installed)'}"
-    if exc.name in pm.disabled_names():
+    if isinstance(exc.name, str) and exc.name in pm.disabled_names():
         text += f"; {exc.name!r} is disabled by BIWM_DISABLE_PLUGINS"
     broken = [s for s in pm.statuses() if s.status == "broken"]
     if broken:
@@ -343,9 +374,10 @@ def expand_shorthands(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "recipe") -> dict[str, Any]:
-    """``a.b=c`` / ``stages[0].steps=5`` / ``finetune.steps=5`` (a stage by name); values parse as
-    YAML. Every problem is a RecipeError naming the ``--set`` key."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "recipe",
+                    pm: PluginManager | None = None) -> dict[str, Any]:
+    """``a.b=c`` / ``stages[0].steps=5`` / ``finetune.steps=5`` (a registered stage by name); values
+    parse as YAML. Every problem is a RecipeError naming the ``--set`` key."""
     expand_shorthands(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -362,7 +394,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "r
             parts = _key_parts(key)
         except ValueError as exc:
             raise fail(str(exc)) from None
-        if isinstance(parts[0], str) and parts[0] in STAGE_CONFIGS:
+        if isinstance(parts[0], str) and parts[0] not in Recipe.model_fields and \
+                parts[0] in (pm or get_plugin_manager()).registry("stage"):
             stages = data.get("stages") if isinstance(data.get("stages"), list) else []
             names = [s.get("stage") for s in stages if isinstance(s, dict)]
             if parts[0] not in names:
@@ -422,10 +455,11 @@ def validate_recipe(data: dict[str, Any], base_dir: Path = Path("."), source: st
     errors: list[FieldError] = []
     recipe = None
     try:
+        model = recipe_model(pm)
         try:
-            recipe = Recipe.model_validate(data)
+            recipe = model.model_validate(data)
         except ValidationError as exc:
-            errors += _pydantic_errors(exc, (), Recipe)
+            errors += _pydantic_errors(exc, (), model, pm)
         resolved: dict[str, Any] = {}
         if recipe is not None:
             errors += _check_plugins(recipe.model, recipe.stages, pm, resolved)
@@ -450,5 +484,5 @@ def validate_recipe(data: dict[str, Any], base_dir: Path = Path("."), source: st
 
 def load_recipe(path: Path, overrides: list[str] | None = None, pm: PluginManager | None = None) -> Recipe:
     path = Path(path)
-    data = apply_overrides(load_recipe_data(path), overrides or [], source=str(path))
+    data = apply_overrides(load_recipe_data(path), overrides or [], source=str(path), pm=pm)
     return validate_recipe(data, base_dir=path.parent, source=str(path), pm=pm)

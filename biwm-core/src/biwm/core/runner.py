@@ -1,10 +1,12 @@
 """Runs a validated recipe: one folder per stage under ``run_dir``, each with its checkpoint,
 a recipe snapshot and metrics.json; ``run_dir/metrics.json`` holds every stage's metrics, one block
-per stage. A run holds the folder's lock, and its checkpoints carry its run id (``run.json``)."""
+per stage. A run holds the folder's lock, and its checkpoints carry its run id (``run.json``).
+
+Each stage's runner is looked up in the stage registry (built-in and plugin stages alike) and
+imported only when that stage runs."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import time
@@ -23,7 +25,6 @@ from biwm.core.checkpoint import (CorruptFileError, atomic_write_text, current_r
                                   remove_temporaries)
 from biwm.core.plugins import get_plugin_manager
 from biwm.core.recipe import Recipe
-from biwm.core.stages import STAGE_RUNNERS
 from biwm.core.window import WorldModel
 
 DONE_MARKER = "DONE"
@@ -236,10 +237,13 @@ def stage_weights(ctx: RunContext, stage: Any) -> Path | None:
 
 
 def run_stage(ctx: RunContext, stage: Any, name: str, stage_dir: Path) -> dict[str, Any]:
-    """Run one stage. Diverged numbers and damaged files end in a RunError naming the stage, the
-    model it ran and the cause."""
-    module_name, func = STAGE_RUNNERS[stage.stage].split(":")
-    runner = getattr(importlib.import_module(module_name), func)
+    """Run one stage with the runner its registry entry names (imported now, if it was given as
+    ``"module:function"``). Diverged numbers and damaged files end in a RunError naming the stage,
+    the model it ran and the cause."""
+    try:
+        runner = get_plugin_manager().get("stage", stage.stage).load()
+    except ImportError as exc:
+        raise RunError(f"stage {name}: {exc}") from None
     try:
         return runner(ctx, stage, stage_dir) or {}
     except (FloatingPointError, CorruptFileError) as exc:

@@ -1,17 +1,7 @@
-"""The stages a recipe can run. Config models are light; runners import lazily."""
-
-from biwm.core.stages.distill import DistillConfig
-from biwm.core.stages.evaluate import EvaluateConfig
-from biwm.core.stages.export import ExportConfig
-from biwm.core.stages.finetune import FinetuneConfig
-from biwm.core.stages.generate import GenerateConfig
-
-STAGE_CONFIGS = {"finetune": FinetuneConfig, "distill": DistillConfig, "generate": GenerateConfig,
-                 "evaluate": EvaluateConfig, "export": ExportConfig}
-STAGE_RUNNERS = {
-    "finetune": "biwm.core.stages.finetune:run",
-    "distill": "biwm.core.stages.distill:run",
-    "generate": "biwm.core.stages.generate:run",
-    "evaluate": "biwm.core.stages.evaluate:run",
-    "export": "biwm.core.stages.export:run",
-}
+"""The built-in stages a recipe can run: one module each, holding the stage's config model (light:
+no heavy import at module level) and its ``run(ctx, config, stage_dir)``, whose heavy imports are
+inside it. They are registered like a plugin's stages, through ``register_stages`` in
+:mod:`biwm.core.builtins` (each runner as a lazy ``"module:run"``); recipes and the runner look
+stages up in the plugin registry (``get_plugin_manager().registry("stage")``), never here, so
+this package imports nothing.
+"""
