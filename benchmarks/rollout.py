@@ -6,8 +6,9 @@ of video. Random weights (speed does not depend on them).
     python benchmarks/rollout.py --preset wan2.2-ti2v-5b --out docs/results/gpu_rollout_h100
     python benchmarks/rollout.py --preset tiny --seconds 2 --out /tmp/rollout   # CPU smoke run
 
-Each variant is a set of speed options (``biwm.core.speed``), measured in the same process as the
-plain eager path:
+Each variant is a set of speed options (``biwm.core.speed``) given to a
+``biwm.core.sampling.RolloutSession``, which converts the model, samples, decodes and times the parts
+(its ``timings``); measured in the same process as the plain eager path:
 
 - ``eager``: what ``biwm generate`` does: noise drawn on the host and copied over, each chunk
   decoded inline and copied to the host before the next starts, PyTorch's default attention.
@@ -107,129 +108,85 @@ class Setup:
 
 def run_variant(variant: str, args, device: torch.device, attention: str, peak: float, flops: float,
                 decode_flops: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    from biwm.core.dmd import few_step_chunk, student_sigmas
-    from biwm.core.rollout import rollout
-    from biwm.core.speed import FrameStream, apply_speedups
+    from biwm.core.sampling import RolloutSession, Sampler
+    from biwm.core.speed import elapsed
     from biwm.core.stages.distill import DistillConfig
-    from biwm.core.window import Window
 
-    shift = DistillConfig.model_fields["student_shift"].default  # the distill stage's default student
     options = speed_options(variant, attention)
     reset_memory(device)
     world = build_world(args.preset, device, args.dtype, inference=True).eval().requires_grad_(False)
     setup = Setup(args, world)
     started = time.perf_counter()
-    apply_speedups(world, options)
     bb = world.backbone
     text = bb.encode_text(["a walk through a house"]).to(device)
     null = bb.encode_text([""]).to(device)
-    c = bb.latent_channels
-    camera = keyboard_camera(setup.chunks * setup.k, setup.tf, setup.width / setup.height, device)
-    empty = torch.zeros(1, c, 0, *setup.hw, device=device)
-    sigmas = student_sigmas(setup.steps, shift, device)
+    sampler = Sampler(setup.steps, DistillConfig.model_fields["student_shift"].default, student=True)  # distill's
+    per_chunk = setup.k * setup.tf
 
-    dit_timers: list[Timer] = []
-    inner = world.forward
-
-    def timed_forward(window):
-        with Timer(device) as t:
-            out = inner(window)
-        dit_timers.append(t)
-        return out
-
-    world.forward = timed_forward
-
-    def generator() -> torch.Generator:
-        # eager: noise on the host, as biwm generate draws it; overlap and up: on the GPU
-        where = device if options.overlap_decode else torch.device("cpu")
-        return torch.Generator(where).manual_seed(0)
-
-    def roll(chunks: int, stream: FrameStream, marks: list[float]) -> None:
-        def on_chunk(i: int, x: torch.Tensor) -> None:
-            stream.submit(x)
-            marks.append(time.perf_counter())
-
-        rollout(world, text, null, empty, camera.frames(slice(0, chunks * setup.k * setup.tf)), chunks, setup.k,
-                setup.steps, shift, generator=generator(), on_chunk=on_chunk, student_sigmas=sigmas)
+    def session(history_chunks: int, chunks: int, overlap: bool = options.overlap_decode,
+                host_noise: bool = not options.overlap_decode):
+        """A session on ``history_chunks`` chunks of random history (the timed rollout starts from none),
+        decoding to uint8 frames on the host and keeping timings, and the camera of its next ``chunks``
+        chunks. ``host_noise``: drawn on the host and copied over, as biwm generate draws it (eager)."""
+        camera = keyboard_camera((history_chunks + chunks) * setup.k, setup.tf, setup.width / setup.height, device)
+        history = torch.randn(1, bb.latent_channels, history_chunks * setup.k, *setup.hw, device=device)
+        generator = torch.Generator("cpu" if host_noise else device).manual_seed(0)
+        h_video = history_chunks * per_chunk
+        opened = RolloutSession(world, text, null, history, sampler, camera.frames(slice(0, h_video)), generator,
+                                chunk_frames=setup.k, speed=options.model_copy(update={"overlap_decode": overlap}),
+                                decode=True, timing=True)
+        return opened, camera.frames(slice(h_video, None))
 
     with torch.no_grad():
-        # warm-up, untimed: compiles every window shape the rollout meets; twice, because a decoder
-        # graph break on some torch versions (2.11) leaves pieces that compile only on the next rollout
+        # warm-up, untimed: converts the model and compiles every window shape the rollout meets; twice,
+        # because a decoder graph break on some torch versions (2.11) leaves pieces that compile only on
+        # the next rollout
         for _ in range(2 if options.compile_decoder else 1):
-            stream = FrameStream(bb.stream_decoder(), device, options.overlap_decode)
-            roll(setup.warmup_chunks, stream, [])
-            stream.finish()
+            warm, camera = session(0, setup.warmup_chunks)
+            warm.run(setup.warmup_chunks, camera)
+            warm.finish()
         synchronize(device)
         warmup_s = time.perf_counter() - started
-        dit_timers.clear()
         reset_memory(device)
 
         # the timed rollout
-        stream = FrameStream(bb.stream_decoder(), device, options.overlap_decode)
-        marks: list[float] = []
+        rolling, camera = session(0, setup.chunks)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             watch_syncs = device.type == "cuda" and options.overlap_decode
             if watch_syncs:
                 torch.cuda.set_sync_debug_mode("warn")
-            start = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
-            if start is not None:
-                start.record()
             t0 = time.perf_counter()
             try:
-                roll(setup.chunks, stream, marks)
+                rolling.run(setup.chunks, camera)
             finally:
                 if watch_syncs:
                     torch.cuda.set_sync_debug_mode("default")
-        frames = stream.finish()
+        frames = rolling.finish()
         synchronize(device)
         wall = time.perf_counter() - t0
         # the debug mode's own notice ("...is a prototype feature...") is not a synchronisation
         syncs = [str(w.message).splitlines()[0] for w in caught if "called a synchronizing" in str(w.message)]
-        if options.overlap_decode and device.type == "cuda":
-            done = stream.done_event(0)
-            done.synchronize()
-            first_chunk_s = start.elapsed_time(done) / 1000
-        else:
-            first_chunk_s = marks[0] - t0
+        first_chunk_s = elapsed(rolling.timings[0].start, rolling.timings[0].ready)
         n_frames = sum(f.shape[1] for f in frames)
         if n_frames != setup.frames:
             raise RuntimeError(f"{variant}: decoded {n_frames} frames, expected {setup.frames}")
         peak_gb = peak_memory_gb(device)
-        dit_rollout = sum(t.seconds() for t in dit_timers)
+        dit_rollout = sum(elapsed(a, b) for t in rolling.timings for a, b in t.forwards)
         inline = not options.overlap_decode
-        decode_rollout = (sum(s.elapsed_time(e) / 1000 for s, e in stream.decode_events)
-                          if stream.decode_events else None)
+        decode_rollout = sum(elapsed(*t.decode) for t in rolling.timings)
 
-        # isolated parts of one steady-state chunk: the DiT's 4 forwards, then the decode
-        history = torch.randn(1, c, setup.steady_chunk * setup.k, *setup.hw, device=device)
-        steady_end = (setup.steady_chunk + 1) * setup.k
-        window = Window(text=text, chunk=torch.zeros(1, c, setup.k, *setup.hw, device=device),
-                        timestep=torch.zeros(1, device=device), history=history,
-                        camera=camera.frames(slice(0, steady_end * setup.tf)))
-        noise_gen = torch.Generator(device).manual_seed(1)
-
-        def noise() -> torch.Tensor:
-            return torch.randn(window.chunk.shape, generator=noise_gen, device=device)
-
-        dit, dec = [], []
-        decoder = bb.stream_decoder()
-        decoder.decode(torch.randn(1, c, setup.k, *setup.hw, device=device))  # past the first chunk
-        for _ in range(args.repeats):
-            with Timer(device) as t:
-                x = few_step_chunk(world, window, sigmas, noise)
-            dit.append(t.seconds())
-            side = FrameStream(decoder, device, overlap=False)
-            with Timer(device) as t:
-                side.submit(x)
-            dec.append(t.seconds())
-        dit_s, decode_s = median(dit), median(dec)
+        # isolated parts of steady-state chunks, decoded inline: the DiT's 4 forwards, then the decode to
+        # uint8 frames on the host
+        steady, camera = session(setup.steady_chunk, args.repeats + 1, overlap=False, host_noise=False)
+        steady.run(args.repeats, camera)
+        dit_s = median([elapsed(*t.sample) for t in steady.timings])
+        decode_s = median([elapsed(t.decode[0], t.ready) for t in steady.timings])
 
         profile = None
         if variant in args.profile:
-            profile = profile_chunk(world, window, sigmas, noise, decoder, device)
+            profile = profile_chunk(steady, camera.frames(slice(args.repeats * per_chunk, None)), device)
 
-    world.forward = inner
     chunks = setup.chunks
     fps = setup.frames / wall
     result = {
@@ -243,7 +200,7 @@ def run_variant(variant: str, args, device: torch.device, attention: str, peak: 
         "other_chunk_s": wall / chunks - dit_s - decode_s,
         # shares of the rollout's wall time, only meaningful when nothing overlaps
         "dit_share_of_rollout": dit_rollout / wall if inline else None,
-        "decode_share_of_rollout": decode_rollout / wall if decode_rollout is not None and inline else None,
+        "decode_share_of_rollout": decode_rollout / wall if inline else None,
         "dit_tflop_per_chunk": flops / 1e12,
         "dit_tflops": flops / dit_s / 1e12,
         "dit_mfu": flops / dit_s / 1e12 / peak,
@@ -255,7 +212,7 @@ def run_variant(variant: str, args, device: torch.device, attention: str, peak: 
     }
     if profile is not None:
         result["profile"] = profile
-    del world, stream, frames
+    del world, warm, rolling, steady, frames
     gc.collect()
     if options.compile or options.compile_decoder:
         torch._dynamo.reset()
@@ -263,20 +220,17 @@ def run_variant(variant: str, args, device: torch.device, attention: str, peak: 
     return setup.describe(), result
 
 
-def profile_chunk(world, window, sigmas, noise, decoder, device) -> dict[str, Any] | None:
-    """GPU time of one steady-state chunk (denoise + decode, inline) by kernel class, from
-    torch.profiler, and the share of the chunk's wall time the GPU spent in kernels: the most that
-    removing launch gaps (CUDA graphs) could save is the rest."""
+def profile_chunk(session, camera, device: torch.device) -> dict[str, Any] | None:
+    """GPU time of one more steady-state chunk of ``session`` (denoise + decode to frames on the host,
+    inline) by kernel class, from torch.profiler, and the share of the chunk's wall time the GPU
+    spent in kernels: the most that removing launch gaps (CUDA graphs) could save is the rest."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    from biwm.core.dmd import few_step_chunk
-
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         with Timer(device) as wall:
-            x = few_step_chunk(world, window, sigmas, noise)
-            decoder.decode(x)
+            session.step(camera)
         torch.cuda.synchronize()
     classes: dict[str, float] = {}
     kernels = []

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from biwm.core.camera import CameraTrack
-from biwm.core.sampling import few_step_chunk, guided_velocity, student_sigmas  # noqa: F401 (re-exported)
+from biwm.core.sampling import few_step_chunk, guided_velocity, randn, student_sigmas  # noqa: F401 (re-exported)
 from biwm.core.schedule import TIMESTEP_SCALE, add_noise, predict_x0, timestep, training_sigmas, velocity_target
 from biwm.core.window import Window, WorldModel, noise_history
 
@@ -50,7 +50,7 @@ def self_rollout(world: WorldModel, text: Tensor, history: Tensor, camera: Camer
     device = history.device
 
     def noise() -> Tensor:
-        return torch.randn(shape, generator=generator).to(device)
+        return randn(shape, generator, device)
 
     out: list[RolledChunk] = []
     for c in range(chunks):
@@ -58,7 +58,7 @@ def self_rollout(world: WorldModel, text: Tensor, history: Tensor, camera: Camer
         window = Window(text=text, chunk=history.new_zeros(shape), timestep=history.new_zeros(batch), history=history,
                         camera=None if camera is None else camera.frames(slice(0, end * tf)), attention=attention)
         if history_sigma > 0:
-            window = noise_history(window, history_sigma, torch.randn(history.shape, generator=generator).to(device))
+            window = noise_history(window, history_sigma, randn(history.shape, generator, device))
         x0 = few_step_chunk(world, window, sigmas, noise, exit_step)
         out.append(RolledChunk(x0, window))
         history = torch.cat([history, x0.detach()], dim=2)

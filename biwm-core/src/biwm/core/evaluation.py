@@ -22,8 +22,7 @@ from biwm.core.data import encode_clips, latent_aligned_camera, video_frames_for
 from biwm.core.idm import InverseDynamicsModel, action_accuracy, evaluate_idm
 from biwm.core.metrics import (diversity, finite_mean, motion, per_chunk, pose_errors, psnr, psnr_per_chunk,
                                 sharpness, ssim)
-from biwm.core.rollout import rollout
-from biwm.core.sampling import Sampler  # noqa: F401 (re-exported)
+from biwm.core.sampling import RolloutSession, Sampler
 from biwm.core.toyworld import ToyClips, ToyWorldConfig, render_clips, split_seeds
 from biwm.core.video import as_uint8
 from biwm.core.window import WorldModel
@@ -46,23 +45,17 @@ def rollout_video(world: WorldModel, text: Tensor, null_text: Tensor, history: T
                   on_chunk: Callable[[int], None] | None = None) -> Tensor:
     """Roll out from latent ``history`` with ``camera`` (video rate, T = 1 + tf*(F-1) frames covering
     history and continuation) and decode as it goes: the continuation's frames [B, T', 3, H, W] in
-    [-1, 1], on the CPU."""
-    bb = world.backbone
-    device = history.device
-    generator = torch.Generator().manual_seed(seed)
-    decoder = bb.stream_decoder()
-    decoder.decode(history)  # prime the streaming decoder's state with the true history
-    pieces: list[Tensor] = []
-
-    def decoded(i: int, x: Tensor) -> None:
-        pieces.append(decoder.decode(x).float().cpu())
-        if on_chunk is not None:
-            on_chunk(i)
-
-    rollout(world, text, null_text, history, latent_aligned_camera(camera, bb.temporal_factor).to(device), chunks,
-            chunk_frames, sampler.steps, sampler.shift, sampler.cfg_scale, generator, attention, on_chunk=decoded,
-            sampler=sampler)
-    return torch.cat(pieces, dim=2).transpose(1, 2)
+    [-1, 1], on the CPU. ``on_chunk(i)`` is called as each chunk is decoded."""
+    tf = world.backbone.temporal_factor
+    camera = latent_aligned_camera(camera, tf).to(history.device)
+    h_video = history.shape[2] * tf
+    session = RolloutSession(world, text, null_text, history, sampler, camera.frames(slice(0, h_video)),
+                             torch.Generator().manual_seed(seed), attention, chunk_frames, decode=True,
+                             frames_dtype=torch.float32)
+    session.run(chunks, camera.frames(slice(h_video, None)), None if on_chunk is None else lambda i, _: on_chunk(i))
+    frames = torch.cat(session.finish(), dim=1)  # [B, T', H, W, 3]
+    # laid out in memory as [B, 3, T', H, W], as the scores were always computed (sums run in memory order)
+    return frames.permute(0, 4, 1, 2, 3).contiguous().transpose(1, 2)
 
 
 def quality_scores(generated: Tensor, truth: Tensor, frames_per_chunk: int, prefix: str = "") -> dict[str, Any]:

@@ -32,18 +32,10 @@ def rollout(world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor 
     """
     if history is None:
         raise ValueError("rollout needs at least the latent grid size: pass history (possibly with 0 frames)")
-    tf = world.backbone.temporal_factor
-    h_len = history.shape[2]
     if sampler is None:
         sampler = Sampler(steps, shift, cfg_scale, student=student_sigmas is not None, student_schedule=student_sigmas)
+    h_video = history.shape[2] * world.backbone.temporal_factor
     session = RolloutSession(world, text, null_text, history, sampler,
-                             None if camera is None else camera.frames(slice(0, h_len * tf)), generator, attention,
+                             None if camera is None else camera.frames(slice(0, h_video)), generator, attention,
                              chunk_frames)
-    generated = []
-    for c in range(chunks):
-        start = h_len + c * chunk_frames
-        x = session.step(None if camera is None else camera.frames(slice(start * tf, (start + chunk_frames) * tf)))
-        generated.append(x)
-        if on_chunk is not None:
-            on_chunk(c, x)
-    return torch.cat(generated, dim=2)
+    return session.run(chunks, None if camera is None else camera.frames(slice(h_video, None)), on_chunk)

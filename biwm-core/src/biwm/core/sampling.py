@@ -3,16 +3,18 @@
 - :class:`Sampler`: how one chunk is denoised. The teacher's Euler steps on the flow-matching ODE
   with optional classifier-free guidance, or (``student``) a distilled generator's few steps,
   re-noising its x̂0 in between, without guidance.
-- :class:`RolloutSession`: an open rollout that owns its history and camera track, driven one
-  chunk at a time (``session.step(camera_of_the_chunk)``), as interactive play needs. Rolling out
-  a whole trajectory (:func:`biwm.core.rollout.rollout`) is a loop over ``step``.
+- :class:`RolloutSession`: an open rollout driven one chunk at a time (``session.step(camera)``),
+  as interactive play needs. It owns the history and camera track (the world model's compressor
+  decides what of them a window attends), the speed options, an optional streaming decoder that
+  turns each chunk into frames, and optional timings. Rolling out a whole trajectory
+  (:meth:`RolloutSession.run`, :func:`biwm.core.rollout.rollout`) is a loop over ``step``.
 
 This module imports neither ``rollout`` nor ``dmd``: both import from it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -21,6 +23,7 @@ from torch import Tensor
 from biwm.core.camera import CameraTrack
 from biwm.core.protocols import AttentionMode
 from biwm.core.schedule import add_noise, euler_step, predict_x0, sampling_sigmas, shift_sigma, timestep
+from biwm.core.speed import Clock, FrameStream, Mark, SpeedOptions, apply_speedups, elapsed
 from biwm.core.window import Window, WorldModel, noise_history
 
 
@@ -106,6 +109,14 @@ class Sampler:
             return f"distilled generator, {self.steps} steps (shift {self.shift}), no CFG{noised}"
         return f"{self.steps} Euler steps (shift {self.shift}), CFG {self.cfg_scale}{noised}"
 
+    def sigmas(self, device: torch.device | str = "cpu") -> Tensor:
+        """The noise levels each chunk steps through, from 1 down to 0, on ``device``."""
+        if not self.student:
+            return sampling_sigmas(self.steps, self.shift, device=device)
+        if self.student_schedule is not None:
+            return self.student_schedule.to(device)
+        return student_sigmas(self.steps, self.shift).to(device)
+
     @torch.no_grad()
     def sample_chunk(self, world: WorldModel, window: Window, null_text: Tensor,
                      generator: torch.Generator | None) -> Tensor:
@@ -115,21 +126,32 @@ class Sampler:
         batch, device = x.shape[0], x.device
         if self.history_sigma > 0 and window.history_length:
             window = noise_history(window, self.history_sigma, randn(window.history.shape, generator, device))
+        sigmas = self.sigmas(device)
         if self.student:
-            sigmas = self.student_schedule if self.student_schedule is not None else student_sigmas(
-                self.steps, self.shift)
             first = [x]  # the chunk's starting noise, then fresh noise for each re-noising
 
             def draw() -> Tensor:
                 return first.pop() if first else randn(x.shape, generator, device)
 
-            return few_step_chunk(world, window, sigmas.to(device), draw)
-        sigmas = sampling_sigmas(self.steps, self.shift, device=device)
+            return few_step_chunk(world, window, sigmas, draw)
         for i in range(self.steps):
             window = window.with_chunk(x, timestep(sigmas[i].expand(batch)))
             v = guided_velocity(world, window, null_text, self.cfg_scale)
             x = euler_step(x, v.to(x.dtype), sigmas[i], sigmas[i + 1])
         return x
+
+
+@dataclass
+class ChunkTiming:
+    """When the parts of one :meth:`RolloutSession.step` ran, as :class:`~biwm.core.speed.Clock`
+    marks (CUDA events on a GPU, read only when asked; seconds of ``perf_counter`` on the CPU):
+    read a span with :func:`~biwm.core.speed.elapsed`."""
+
+    start: Mark  # the step began
+    sample: tuple[Mark, Mark]  # the sampler's denoising of the chunk
+    forwards: list[tuple[Mark, Mark]]  # each world-model forward within it (a CFG step is one doubled forward)
+    decode: tuple[Mark, Mark] | None = None  # decoding the chunk to frames (with decode)
+    ready: Mark | None = None  # the chunk's frames are in host memory (with decode)
 
 
 class RolloutSession:
@@ -139,28 +161,58 @@ class RolloutSession:
     video rate: ``temporal_factor`` frames per latent frame) covers them, or is None for a model
     without control. Each step appends the chunk's camera, samples the chunk with ``sampler`` and
     appends it to the history; the world model's compressor decides what of the history it attends.
-    With the same generator and cameras, stepping chunk by chunk gives exactly the frames of a
-    whole-trajectory :func:`~biwm.core.rollout.rollout`."""
+    With the same generator and cameras, stepping chunk by chunk gives exactly the latents of a
+    whole-trajectory :func:`~biwm.core.rollout.rollout`. A CUDA ``generator`` draws the noise on the
+    GPU, so a step never waits for the host.
+
+    - ``speed``: :class:`~biwm.core.speed.SpeedOptions`; the session converts the world model as they
+      ask (once per model, :func:`~biwm.core.speed.apply_speedups`) and decodes on a side stream when
+      they ask for ``overlap_decode``. None: the model as it is, decoded inline.
+    - ``decode``: each step also decodes its chunk with the backbone's streaming decoder (primed with
+      the history, so the frames continue it) to frames [B, T, H, W, 3] of ``frames_dtype`` in host
+      memory (uint8, or float in [-1, 1]), handed over by :meth:`ready` and :meth:`finish`.
+    - ``timing``: each step appends a :class:`ChunkTiming` to ``timings`` (no host synchronisation:
+      on a GPU the marks are CUDA events, read after the loop)."""
 
     def __init__(self, world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor, sampler: Sampler,
                  camera: CameraTrack | None = None, generator: torch.Generator | None = None,
-                 attention: AttentionMode = "bidirectional", chunk_frames: int = 4):
-        self.world, self.text, self.null_text, self.sampler = world, text, null_text, sampler
-        self.history, self.camera, self.generator = history, camera, generator
-        self.attention, self.chunk_frames = attention, chunk_frames
+                 attention: AttentionMode = "bidirectional", chunk_frames: int = 4, *,
+                 speed: SpeedOptions | None = None, decode: bool = False, frames_dtype: torch.dtype = torch.uint8,
+                 timing: bool = False):
         tf = world.backbone.temporal_factor
         if camera is not None and camera.num_frames != history.shape[2] * tf:
             raise ValueError(f"RolloutSession: the camera covers {camera.num_frames} video frames, the history "
                              f"{history.shape[2]} latent frames ({history.shape[2] * tf} at temporal factor {tf})")
+        device = history.device
+        if sampler.student:  # its schedule on the device once, not copied there every chunk
+            sampler = replace(sampler, student_schedule=sampler.sigmas(device))
+        if speed is not None:
+            apply_speedups(world, speed)
+        self.world, self.text, self.null_text, self.sampler, self.speed = world, text, null_text, sampler, speed
+        self.history, self.camera, self.generator = history, camera, generator
+        self.attention, self.chunk_frames = attention, chunk_frames
+        self.clock = Clock(device)
+        self.timings: list[ChunkTiming] | None = [] if timing else None
+        self.stream: FrameStream | None = None
+        if decode:
+            decoder = world.backbone.stream_decoder()
+            if history.shape[2]:
+                with torch.no_grad():
+                    decoder.decode(history)  # the decoder's state continues the history's frames
+            overlap = speed is not None and speed.overlap_decode
+            self.stream = FrameStream(decoder, device, overlap, frames_dtype)
 
     @property
     def frames(self) -> int:
         """Latent frames so far (history and generated)."""
         return self.history.shape[2]
 
+    @torch.no_grad()
     def step(self, camera: CameraTrack | None = None) -> Tensor:
         """Generate the next chunk under ``camera`` (its ``chunk_frames * temporal_factor`` video
-        frames; None for a model without control) and return its latents [B, C, K, h, w]."""
+        frames; None for a model without control) and return its latents [B, C, K, h, w]. With
+        ``decode`` its frames follow through :meth:`ready` / :meth:`finish`."""
+        start = self.clock.mark() if self.timings is not None else None
         k, tf = self.chunk_frames, self.world.backbone.temporal_factor
         if (camera is None) != (self.camera is None):
             raise ValueError("RolloutSession.step: give a camera exactly when the session was opened with one")
@@ -175,6 +227,55 @@ class RolloutSession:
         noise = randn((b, c, k, h, w), self.generator, self.history.device)
         window = Window(text=self.text, chunk=noise, timestep=torch.zeros(b, device=noise.device),
                         history=self.history, camera=self.camera, attention=self.attention)
-        x = self.sampler.sample_chunk(self.world, window, self.null_text, self.generator)
+        if self.timings is None:
+            x = self.sampler.sample_chunk(self.world, window, self.null_text, self.generator)
+        else:
+            x, sample, forwards = self._timed_sample(window)
         self.history = torch.cat([self.history, x], dim=2)
+        decode, ready = self.stream.submit(x) if self.stream is not None else (None, None)
+        if self.timings is not None:
+            self.timings.append(ChunkTiming(start, sample, forwards, decode, ready))
         return x
+
+    def _timed_sample(self, window: Window) -> tuple[Tensor, tuple[Mark, Mark], list[tuple[Mark, Mark]]]:
+        """``sample_chunk`` with a mark before and after it and around each world-model forward
+        (module hooks, held only for this chunk)."""
+        marks: list[Mark] = []
+        hooks = [self.world.register_forward_pre_hook(lambda *_: marks.append(self.clock.mark())),
+                 self.world.register_forward_hook(lambda *_: marks.append(self.clock.mark()))]
+        try:
+            begin = self.clock.mark()
+            x = self.sampler.sample_chunk(self.world, window, self.null_text, self.generator)
+            end = self.clock.mark()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return x, (begin, end), list(zip(marks[::2], marks[1::2]))
+
+    def run(self, chunks: int, camera: CameraTrack | None = None,
+            on_chunk: Callable[[int, Tensor], None] | None = None) -> Tensor:
+        """``chunks`` steps; ``camera`` (video rate) covers them, from the first frame after what the
+        session holds. Returns their latents [B, C, chunks*K, h, w]; ``on_chunk(i, latents)`` sees
+        each chunk as soon as it is sampled."""
+        per_chunk = self.chunk_frames * self.world.backbone.temporal_factor
+        generated = []
+        for i in range(chunks):
+            x = self.step(None if camera is None else camera.frames(slice(i * per_chunk, (i + 1) * per_chunk)))
+            generated.append(x)
+            if on_chunk is not None:
+                on_chunk(i, x)
+        return torch.cat(generated, dim=2)
+
+    def ready(self) -> list[Tensor]:
+        """With ``decode``: the frames [B, T, H, W, 3] of the chunks finished since the last call, in
+        order; never waits (with inline decode every stepped chunk is finished)."""
+        return self._stream().ready()
+
+    def finish(self) -> list[Tensor]:
+        """With ``decode``: waits for every stepped chunk's frames; returns those not yet handed over."""
+        return self._stream().finish()
+
+    def _stream(self) -> FrameStream:
+        if self.stream is None:
+            raise ValueError("RolloutSession: open the session with decode=True to get frames")
+        return self.stream

@@ -1,6 +1,8 @@
 """Inference speed-ups, each chosen by option and applied to a built ``WorldModel`` (the torchtitan
-pattern: small converters, nothing threaded through the model code), and ``FrameStream``, which
-turns generated chunks into uint8 frames in host memory without stalling the generator.
+pattern: small converters, nothing threaded through the model code); ``FrameStream``, which
+turns generated chunks into frames in host memory without stalling the generator; and ``Clock``,
+which marks points in time without waiting for the GPU. A ``biwm.core.sampling.RolloutSession``
+puts them together.
 
 - ``attention``: which ``scaled_dot_product_attention`` kernel the transformer's attention uses
   (through diffusers' attention dispatcher, so the VAE keeps PyTorch's choice: its attention has
@@ -14,12 +16,14 @@ turns generated chunks into uint8 frames in host memory without stalling the gen
 - ``quantize``: a quantizer plugin (e.g. ``fp8`` from biwm-quant) converts the linear layers.
 - ``overlap_decode``: decode on a second CUDA stream, overlapped with the next chunk's denoising,
   and copy the frames to pinned host memory asynchronously; with a CUDA generator for the noise
-  (``biwm.core.rollout``) the loop then never waits for the GPU.
+  (``biwm.core.sampling``) the loop then never waits for the GPU.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import time
+from contextlib import nullcontext
+from typing import Any, Literal, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,7 +61,11 @@ class SpeedOptions(BaseModel):
 
 
 def apply_speedups(world: WorldModel, options: SpeedOptions) -> WorldModel:
-    """Quantise and compile ``world`` in place (for inference) as ``options`` ask; returns it."""
+    """Quantise and compile ``world`` in place (for inference) as ``options`` ask; returns it. Options
+    that convert the model as it already was (``overlap_decode`` aside) change nothing, so every
+    rollout session opened with them may apply them."""
+    if _conversions(getattr(world, "speed_options", None)) == _conversions(options):
+        return world
     if options.quantize is not None:
         from biwm.core.plugins import get_plugin_manager
 
@@ -79,7 +87,13 @@ def apply_speedups(world: WorldModel, options: SpeedOptions) -> WorldModel:
         _backbone_method(world, "channels_last_decoder")()
     if options.compile_decoder:  # default mode: its frame caches are fed back in, which CUDA graphs would overwrite
         _backbone_method(world, "compile_decoder")(dynamic=False)
+    world.speed_options = options
     return world
+
+
+def _conversions(options: SpeedOptions | None) -> dict[str, Any] | None:
+    """What of ``options`` converts the model: all but how the frames are decoded."""
+    return None if options is None else options.model_dump(exclude={"overlap_decode"})
 
 
 def compile_blocks(world: WorldModel, dynamic: bool | None = False, mode: str | None = None, **kwargs: Any) -> None:
@@ -113,60 +127,84 @@ def set_attention(world: WorldModel, name: str) -> None:
     world.backbone.set_attention_kernel(name)
 
 
+Mark = Union["torch.cuda.Event", float]
+
+
+class Clock:
+    """Marks points in time without waiting for the GPU: CUDA events recorded on the current (or a
+    given) stream, read only when asked, on a CUDA device; ``perf_counter`` seconds on the CPU."""
+
+    def __init__(self, device: torch.device | str):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def mark(self, stream: "torch.cuda.Stream | None" = None) -> Mark:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+
+def elapsed(start: Mark, end: Mark) -> float:
+    """Seconds from mark ``start`` to mark ``end`` (waits until the GPU has passed ``end``)."""
+    if isinstance(end, float):
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1000
+
+
 class FrameStream:
-    """Decodes generated chunks to uint8 frames [B, T, H, W, 3] in host memory, in order.
+    """Decodes generated chunks to frames [B, T, H, W, 3] in host memory, in order: uint8, or (with a
+    float ``dtype``) values in [-1, 1].
 
     With ``overlap`` on a CUDA device, each chunk is decoded on a side stream that waits only for
-    that chunk, converted to uint8 on the GPU and copied to pinned memory asynchronously: the
-    caller's stream goes on with the next chunk, and ``ready()`` hands over finished chunks without
-    blocking. Otherwise decoding happens inline and each chunk is on the host when ``submit``
-    returns. ``decode_events`` keep (start, end) CUDA events per chunk for profiling."""
+    that chunk, converted on the GPU and copied to pinned memory asynchronously: the caller's stream
+    goes on with the next chunk, and ``ready()`` hands over finished chunks without blocking.
+    Otherwise decoding happens inline and each chunk is on the host when ``submit`` returns.
+    ``pending`` keeps each chunk's frames with the :class:`Clock` mark after which they are in host
+    memory."""
 
-    def __init__(self, decoder, device: torch.device, overlap: bool = True):
+    def __init__(self, decoder, device: torch.device, overlap: bool = True, dtype: torch.dtype = torch.uint8):
         self.decoder = decoder
-        self.cuda = torch.device(device).type == "cuda"
-        self.overlap = overlap and self.cuda
+        self.clock = Clock(device)
+        self.overlap = overlap and self.clock.cuda
+        self.dtype = dtype
         self.stream = torch.cuda.Stream(device) if self.overlap else None
-        self.pending: list[tuple[Tensor, torch.cuda.Event | None]] = []
+        self.pending: list[tuple[Tensor, Mark]] = []
         self.delivered = 0
-        self.decode_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def _decode(self, latents: Tensor) -> Tensor:
         frames = self.decoder.decode(latents)  # [B, 3, T, H, W] in [-1, 1]
-        return as_uint8(frames).permute(0, 2, 3, 4, 1).contiguous()
+        frames = as_uint8(frames) if self.dtype == torch.uint8 else frames.to(self.dtype)
+        return frames.permute(0, 2, 3, 4, 1).contiguous()
 
-    def submit(self, latents: Tensor) -> None:
-        if not self.overlap:
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+    def submit(self, latents: Tensor) -> tuple[tuple[Mark, Mark], Mark]:
+        """Decode ``latents`` [B, C, K, h, w]; returns the marks of its decode and of its frames
+        arriving in host memory."""
+        stream = self.stream
+        produced = torch.cuda.current_stream(latents.device) if stream is not None else None
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            if stream is not None:
+                stream.wait_stream(produced)  # this chunk (and nothing later) must be finished
+                latents.record_stream(stream)  # keep its memory until the side stream is done with it
+            start = self.clock.mark(stream)
             frames = self._decode(latents)
-            if self.cuda:
-                end.record()
-                self.decode_events.append((start, end))
-            self.pending.append((frames.cpu(), None))
-            return
-        produced = torch.cuda.current_stream(latents.device)
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_stream(produced)  # this chunk (and nothing later) must be finished
-            latents.record_stream(self.stream)  # keep its memory until the side stream is done with it
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(self.stream)
-            frames = self._decode(latents)
-            end.record(self.stream)
-            host = torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
-            host.copy_(frames, non_blocking=True)
-            done = torch.cuda.Event(enable_timing=True)  # timed from a start event by benchmarks
-            done.record(self.stream)
-        self.decode_events.append((start, end))
-        self.pending.append((host, done))
+            end = self.clock.mark(stream)
+            if stream is None:
+                host = frames.cpu()
+            else:
+                host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+                host.copy_(frames, non_blocking=True)
+            ready = self.clock.mark(stream)
+        self.pending.append((host, ready))
+        return (start, end), ready
 
     def ready(self) -> list[Tensor]:
         """Chunks whose frames have arrived since the last call (never waits)."""
         out = []
         while self.delivered < len(self.pending):
-            host, done = self.pending[self.delivered]
-            if done is not None and not done.query():
+            host, arrived = self.pending[self.delivered]
+            if self.overlap and not arrived.query():
                 break
             out.append(host)
             self.delivered += 1
@@ -179,7 +217,3 @@ class FrameStream:
         out = [host for host, _ in self.pending[self.delivered:]]
         self.delivered = len(self.pending)
         return out
-
-    def done_event(self, index: int) -> torch.cuda.Event | None:
-        """The event after which chunk ``index``'s frames are in host memory (overlapped mode)."""
-        return self.pending[index][1]
