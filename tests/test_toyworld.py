@@ -183,3 +183,32 @@ def test_load_dataset_errors(tmp_path):
     save_file({"frames": torch.zeros(1, 2, 3, 4, 4, dtype=torch.uint8)}, str(partial))
     with pytest.raises(ValueError, match="'c2w' is missing"):
         load_dataset(partial)
+
+
+def test_still_stretches_hold_the_camera_for_a_share_of_clips():
+    from biwm.core.toyworld import ToyWorldConfig, random_actions, render_clips, still_stretches
+
+    seeds = list(range(400))
+    mask = still_stretches(seeds, 33, 0.25)
+    still = mask.any(1)
+    assert 0.18 < float(still.float().mean()) < 0.32  # about a quarter of the clips
+    lengths = mask.sum(1)[still]
+    assert int(lengths.min()) >= 17 and int(lengths.max()) <= 33
+    for row in mask[still]:  # one contiguous stretch per clip
+        idx = row.nonzero().flatten()
+        assert int(idx[-1] - idx[0] + 1) == len(idx)
+    assert torch.equal(still_stretches(seeds[:50], 33, 0.25), mask[:50])  # chosen by seed, not by position
+    assert not still_stretches(seeds, 33, 0.0).any() and still_stretches(seeds, 33, 1.0).any(1).all()
+    with pytest.raises(ValueError, match="still fraction"):
+        still_stretches(seeds, 33, 1.5)
+
+    # rendered with those frames idle, the camera stays put there while the moving boxes still move
+    config = ToyWorldConfig(height=16, width=16)
+    pick = [s for s, m in zip(seeds, still) if m][:2]
+    stretch = still_stretches(pick, 33, 0.25)
+    actions = torch.where(stretch, 0, random_actions(pick, 33, config))
+    clips = render_clips(pick, 33, config, actions=actions)
+    for row in range(2):
+        idx = stretch[row].nonzero().flatten()
+        poses = clips.camera.c2w[row, idx[0]:idx[-1] + 1]
+        assert torch.allclose(poses, poses[:1].expand_as(poses))

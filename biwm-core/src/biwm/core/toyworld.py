@@ -48,6 +48,7 @@ from biwm.core.camera import (
 HELDOUT_SEED_START = 1_000_000_000
 # The action policy draws from its own stream so a scene does not depend on the clip length.
 _POLICY_SEED_OFFSET = 1 << 40
+_STILL_SEED_OFFSET = 3 << 40  # still-camera stretches (still_stretches): a stream of their own too
 _START_CANDIDATES = 64
 _RAYS_PER_CHUNK = 1 << 18  # bounds renderer memory to roughly 100 MB per chunk
 # On a GPU each chunk is a few dozen kernels, so fewer, bigger chunks (about 1.6 GB each) mean fewer
@@ -244,6 +245,25 @@ def random_actions(seeds: Sequence[int], num_frames: int, config: ToyWorldConfig
         labels = torch.where(torch.rand(num_frames, generator=generator) < config.idle_prob, 0, labels)
         clips.append(labels[torch.searchsorted(torch.cumsum(holds, 0), frames, right=True)])
     return torch.stack(clips)
+
+
+
+def still_stretches(seeds: Sequence[int], num_frames: int, fraction: float) -> Tensor:
+    """Which frames [B, T] of each clip hold the camera still: for a ``fraction`` of the clips
+    (chosen by seed, so a clip keeps its choice wherever it is rendered) one contiguous stretch of
+    half to all of the clip, at a random place. Training on such clips shows the model boxes that
+    move while the camera does not, which the random policy alone almost never holds."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"still fraction must be in [0, 1], got {fraction}")
+    mask = torch.zeros(len(seeds), num_frames, dtype=torch.bool)
+    for row, seed in enumerate(seeds):
+        generator = torch.Generator().manual_seed(int(seed) + _STILL_SEED_OFFSET)
+        if float(torch.rand((), generator=generator)) >= fraction:
+            continue
+        length = int(torch.randint((num_frames + 1) // 2, num_frames + 1, (), generator=generator))
+        start = int(torch.randint(0, num_frames - length + 1, (), generator=generator))
+        mask[row, start:start + length] = True
+    return mask
 
 
 # ----------------------------------------------------------------------------- rendering
