@@ -57,7 +57,7 @@ def load(run: Path, overrides: list[str], device: str):
 
 
 def measure(run: Path, overrides: list[str], args, device: str) -> dict[str, Any]:
-    from biwm.core.data import toyworld_latents, video_frames_for
+    from biwm.core.data import video_frames_for
     from biwm.core.evaluation import quality_scores, rollout_video
     from biwm.core.stages.common import sampler_for, text_embeddings
 
@@ -66,9 +66,9 @@ def measure(run: Path, overrides: list[str], args, device: str) -> dict[str, Any
     bb = world.backbone
     tf = bb.temporal_factor
     total = args.history_frames + args.chunks * args.chunk_frames
-    data = toyworld_latents("heldout", args.trajectories, total, recipe.data.toyworld, bb, ctx.run_dir / "cache",
-                            ctx.cache_key(), device=device, keep_frames=True)
-    text, null_text = text_embeddings(world, recipe.data.prompt, len(data), device)
+    data = ctx.dataset.latents("heldout", args.trajectories, total, bb, ctx.run_dir / "cache", ctx.cache_key(),
+                               device=device, keep_frames=True)
+    text, null_text = text_embeddings(world, ctx.dataset.prompt, len(data), device)
     history = data.latents[:, :, :args.history_frames].to(device)
     camera = data.camera.frames(slice(tf - 1, None))
     h_video = video_frames_for(args.history_frames, tf)

@@ -37,7 +37,6 @@ BLOCK = 25
 
 
 def build(preset: str, device: torch.device, clips: int, frames: int):
-    from biwm.core.data import toyworld_latents
     from biwm.core.recipe import validate_recipe
     from biwm.core.runner import RunContext
     from biwm.core.stages.common import load_world_model
@@ -50,7 +49,7 @@ def build(preset: str, device: torch.device, clips: int, frames: int):
         "stages": [{"stage": "finetune"}]})
     ctx = RunContext(recipe=recipe, run_dir=Path("/tmp/train-lab-bench"))
     world = load_world_model(ctx).to(device)
-    data = toyworld_latents("train", clips, frames, recipe.data.toyworld, world.backbone, None, "bench", device=device)
+    data = ctx.dataset.latents("train", clips, frames, world.backbone, None, "bench", device=device)
     return world, data
 
 

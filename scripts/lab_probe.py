@@ -10,11 +10,11 @@ A sampler is STEPS:CFG[:SHIFT[:HISTORY_SIGMA]] (shift default 3, history sigma 0
 import argparse, json, time
 from pathlib import Path
 import torch
-from biwm.core.data import toyworld_latents, video_frames_for
+from biwm.core.data import video_frames_for
 from biwm.core.evaluation import Sampler, camera_scores, dynamics_scores, quality_scores, rollout_video
 from biwm.core.metrics import sharpness
 from biwm.core.idm import find_idm, load_idm
-from biwm.core.recipe import validate_recipe
+from biwm.core.recipe import dataset_for, validate_recipe
 from biwm.core.runner import RunContext, evaluation_recipe_data, find_run
 from rich.console import Console
 from biwm.core.stages.common import load_world_model, text_embeddings
@@ -35,17 +35,20 @@ r = validate_recipe(evaluation_recipe_data(run, w), base_dir=run, source=str(w))
 world = load_world_model(RunContext(r, run, console=Console(quiet=True)), init=w, report=False).to(dev).eval()
 bb = world.backbone
 H, K = 4, 4
-data = toyworld_latents("heldout", a.n, H + a.chunks * K, r.data.toyworld, bb, None, "probe", device=dev, keep_frames=True,
-                         start=a.start)
-text, null = text_embeddings(world, r.data.prompt, a.n, dev)
+dataset = dataset_for(r)
+toy = getattr(dataset, "toyworld", None)  # the IDM and the still-camera scenes are the toy world's
+if a.dynamics_scenes and toy is None:
+    raise SystemExit(f"error: --dynamics-scenes needs the toy world; the model's dataset is {r.data.source}")
+data = dataset.latents("heldout", a.n, H + a.chunks * K, bb, None, "probe", device=dev, keep_frames=True, start=a.start)
+text, null = text_embeddings(world, dataset.prompt, a.n, dev)
 hist = data.latents[:, :, :H].to(dev)
 tf = bb.temporal_factor
 cam = data.camera.frames(slice(tf - 1, None))
 hv = video_frames_for(H, tf)
 truth = data.frames[:, hv:].float().div(127.5).sub(1)
 last = data.frames[:, hv - 1:hv].float().div(127.5).sub(1)
-idm_file = find_idm(r.data.toyworld)
-idm = load_idm(idm_file, r.data.toyworld, dev).model if idm_file else None
+idm_file = find_idm(toy) if toy is not None else None
+idm = load_idm(idm_file, toy, dev).model if idm_file else None
 res = {"weights": str(w), "n": a.n, "chunks": a.chunks, "start": a.start}
 copy = quality_scores(last.expand_as(truth), truth, K * tf)
 res["copy_last"] = [round(x, 2) for x in copy["psnr_per_chunk"]]
@@ -59,11 +62,11 @@ for spec in a.samplers.split(","):
     q = quality_scores(v, truth, K * tf)
     res[spec] = {"psnr_per_chunk": [round(x, 2) for x in q["psnr_per_chunk"]], "seconds": round(time.time() - t0, 1)}
     if idm is not None:
-        follow = camera_scores(idm, torch.cat([last, v], 1), data.camera, hv, r.data.toyworld, K * tf)
+        follow = camera_scores(idm, torch.cat([last, v], 1), data.camera, hv, toy, K * tf)
         res[spec]["idm_accuracy"] = round(follow["accuracy"], 3)
         res[spec]["idm_accuracy_per_chunk"] = [round(x, 3) for x in follow["accuracy_per_chunk"]]
     if a.dynamics_scenes:
-        d = dynamics_scores(world, text, null, r.data.toyworld, a.dynamics_scenes, a.dynamics_samples, H, 3, K,
+        d = dynamics_scores(world, text, null, toy, a.dynamics_scenes, a.dynamics_samples, H, 3, K,
                             sampler, 1, "bidirectional", dev)
         res[spec].update({k: round(d[k], 4) for k in ("dynamics", "dynamics_generated", "dynamics_generated_frozen",
                                                       "dynamics_true")})

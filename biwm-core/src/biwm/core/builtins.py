@@ -30,6 +30,14 @@ def register_losses(register):
 
 
 @hookimpl
+def register_datasets(register):
+    from biwm.core.data import ToyWorldData, ToyWorldDataset
+
+    register("toyworld", ToyWorldDataset, options=ToyWorldData,
+             description="the procedural toy world: rendered clips with true cameras and actions (the lab)")
+
+
+@hookimpl
 def register_stages(register):
     # Config models only: each runner is a "module:function" string, imported when its stage runs.
     from biwm.core.stages.distill import DistillConfig

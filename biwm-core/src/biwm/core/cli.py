@@ -253,7 +253,14 @@ def idm_train(height: int = typer.Option(32, min=8), width: int = typer.Option(3
     from biwm.core.runner import progress_bar
     from biwm.core.toyworld import ToyWorldConfig
 
-    config = _load(recipe, []).data.toyworld if recipe else ToyWorldConfig(height=height, width=width)
+    if recipe:
+        data = _load(recipe, []).data
+        config = getattr(data, "toyworld", None)
+        if config is None:
+            _fail(f"{recipe}: data.source is {data.source!r}, not the toy world; the IDM is trained on toy-world "
+                  "renderings")
+    else:
+        config = ToyWorldConfig(height=height, width=width)
     out = out or cache_dir() / f"idm-{idm_key(config)}.safetensors"
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     train = IDMTrainConfig(steps=steps, batch_size=batch_size, clip_frames=clip_frames, pool_clips=pool_clips,

@@ -3,7 +3,7 @@
 A plugin module implements any of these with ``@biwm.core.hookimpl`` and calls ``register(name,
 factory, options=..., description=...)`` for each thing it provides (the pattern of simonw/llm);
 ``register_stages`` takes ``register(name, config, runner, description=...)``. Core's own
-controls, compressor ``none``, loss ``dmd`` and five stages are registered through the same hooks,
+controls, compressor ``none``, loss ``dmd``, dataset ``toyworld`` and five stages are registered through the same hooks,
 in :mod:`biwm.core.builtins`.
 """
 
@@ -36,6 +36,15 @@ def register_losses(register):
 @hookspec
 def register_quantizers(register):
     """Register Quantizer factories."""
+
+
+@hookspec
+def register_datasets(register):
+    """Register datasets: ``register(name, factory, options=Model, description=...)``.
+
+    ``factory(options)`` returns a :class:`biwm.core.protocols.ClipSource`. ``Model`` is what a
+    recipe's ``data:`` holds when ``data.source`` is NAME (validated by it, errors naming the
+    field); give it a field ``source: Literal["NAME"] = "NAME"``, or it is added."""
 
 
 @hookspec

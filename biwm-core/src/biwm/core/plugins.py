@@ -14,7 +14,8 @@ Every options model is registered as a subclass that forbids unknown fields and 
 numbers (:func:`biwm.core.config.range_checked`), whatever the plugin declared. A stage's config
 model is the options of kind ``stage`` (its factory is the stage's runner): it is kept as it is
 when it derives from :class:`biwm.core.config.Strict`, and gets a ``stage: Literal[name]`` field
-(the tag a recipe's ``stages:`` item is picked by) when it has none.
+(the tag a recipe's ``stages:`` item is picked by) when it has none. A dataset's options model is
+tagged the same way, by ``source: Literal[name]`` (what a recipe's ``data.source`` picks).
 """
 
 from __future__ import annotations
@@ -41,12 +42,16 @@ KINDS: dict[str, str] = {
     "compressor": "register_compressors",
     "loss": "register_losses",
     "quantizer": "register_quantizers",
+    "dataset": "register_datasets",
     "stage": "register_stages",
     "command": "register_commands",
 }
 BUILTIN_MODULES = {"core": "biwm.core.builtins"}
 # Kinds whose factories are called as factory(options, backbone=...); the others as factory(options).
 WITH_BACKBONE = ("control", "compressor", "loss")
+# Kinds whose options models carry the tag a recipe picks them by: stage (``stages[i].stage``) and
+# dataset (``data.source``).
+TAGS = {"stage": "stage", "dataset": "source"}
 DISABLE_ENV = "BIWM_DISABLE_PLUGINS"
 LAZY_OBJECT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # "module:function", imported when first used
 
@@ -128,16 +133,18 @@ def _check_factory(kind: str, name: str, factory: Callable[..., Any] | str, plug
         _require_module(name, factory, plugin)
 
 
-def _stage_config(name: str, config: type[BaseModel]) -> type[BaseModel]:
-    """A stage's config as recipes validate it: tagged by a ``stage: Literal[name]`` field (added
-    when the class has none), and range-checked unless it is a :class:`Strict` model already."""
-    tag = config.model_fields.get("stage")
+def _tagged_config(kind: str, name: str, config: type[BaseModel]) -> type[BaseModel]:
+    """A stage's config (a dataset's options) as recipes validate it: tagged by a ``stage:
+    Literal[name]`` (``source: Literal[name]``) field, added when the class has none, and
+    range-checked unless it is a :class:`Strict` model already."""
+    field_name = TAGS[kind]
+    tag = config.model_fields.get(field_name)
     if tag is None:
         config = create_model(config.__name__, __base__=config, __module__=config.__module__,
-                              __doc__=config.__doc__, stage=(Literal[name], name))
+                              __doc__=config.__doc__, **{field_name: (Literal[name], name)})
     elif typing.get_origin(tag.annotation) is not Literal or typing.get_args(tag.annotation) != (name,):
-        raise TypeError(f"stage {name!r}: {config.__name__}.stage must be Literal[{name!r}] (a recipe picks the "
-                        f"stage by it), not {tag.annotation!r}")
+        raise TypeError(f"{kind} {name!r}: {config.__name__}.{field_name} must be Literal[{name!r}] (a recipe "
+                        f"picks the {kind} by it), not {tag.annotation!r}")
     if issubclass(config, Strict) and config.model_config.get("extra") == "forbid":
         return config
     return range_checked(config)
@@ -253,7 +260,7 @@ class PluginManager:
                 if name in disabled:
                     self._disabled_items.append((kind, name, _status))
                     return
-                options = _stage_config(name, options) if kind == "stage" else range_checked(options)
+                options = _tagged_config(kind, name, options) if kind in TAGS else range_checked(options)
                 registry[name] = PluginSpec(kind, name, factory, options, description, _status.name,
                                             _status.distribution, _status.version)
                 _status.provides.append((kind, name))

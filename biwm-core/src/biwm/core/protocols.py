@@ -1,4 +1,4 @@
-"""The five plugin protocols and the data structures they exchange.
+"""The plugin protocols and the data structures they exchange.
 
 Keep them small: the window engine (``biwm.core.window``) composes them.
 
@@ -18,6 +18,8 @@ plugin registers, and lists a plugin that breaks them as ``broken``):
   pool the ``modulation`` it is given exactly like the tokens to keep it.
 - **token_budget** takes the token grid of one frame, ``(h', w')`` after the patch embedding (not
   pixels, not latents).
+- **A dataset's factory** is called ``factory(options)`` and returns a :class:`ClipSource`; its
+  options model is what a recipe's ``data:`` holds (picked by ``data.source``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from biwm.core.camera import CameraTrack
+    from biwm.core.data import LatentClips
 
 AttentionMode = Literal["bidirectional", "causal"]
 
@@ -161,6 +166,27 @@ class DistillLoss(Protocol):
     def generator_loss(self, step: Any) -> Tensor | None: ...
 
     def critic_loss(self, step: Any) -> Tensor | None: ...
+
+
+@runtime_checkable
+class ClipSource(Protocol):
+    """A dataset, as the stages read it: clips of latents (encoded with the model's backbone) with
+    their cameras and actions, for a split, plus the text prompt and the training-set size.
+
+    Optional: ``toyworld`` (a :class:`biwm.core.toyworld.ToyWorldConfig`) when the clips are the
+    toy world's; the toy-specific scores (the evaluate stage's IDM and still-camera dynamics, the
+    shuffled-actions baseline, key strings) need it and are skipped, with a note, without it."""
+
+    prompt: str  # the text prompt of every clip
+    train_clips: int  # clips a training stage reads
+    frames: int  # video frames per training clip
+
+    def latents(self, split: Literal["train", "heldout"], count: int, latent_frames: int, backbone: Backbone,
+                cache_dir: "Path | None", cache_key: str, device: torch.device | str = "cpu",
+                keep_frames: bool = False, start: int = 0) -> "LatentClips":
+        """Clips ``start .. start+count-1`` of ``split``, ``latent_frames`` latent frames each, encoded
+        by ``backbone`` (``LatentClips.frames``: the uint8 video frames when ``keep_frames``), cached
+        under ``cache_dir`` (None: no cache) by a key that includes ``cache_key``."""
 
 
 @runtime_checkable

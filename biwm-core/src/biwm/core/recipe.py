@@ -3,7 +3,9 @@
 Validation is two-pass: the recipe's own schema (data, model, stages), then each plugin reference
 against the registry of its kind and the plugin's own options model. The stages are a plugin kind
 too: :func:`recipe_model` types ``stages:`` as the union of the registered stages' config models,
-told apart by their ``stage`` field, so a plugin's stage validates like a built-in one. Relative
+told apart by their ``stage`` field, so a plugin's stage validates like a built-in one. So is the
+data: ``data:`` is the options of the dataset its ``source`` names (default ``toyworld``), and
+:func:`dataset_for` makes that dataset (a :class:`biwm.core.protocols.ClipSource`). Relative
 input paths resolve against the recipe file's folder; ``run_dir`` resolves against the working
 directory.
 """
@@ -17,15 +19,20 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, Field, PrivateAttr, ValidationError, create_model, field_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, PrivateAttr, ValidationError, create_model,
+                      field_validator)
+from pydantic_core import PydanticCustomError
 
 from biwm.core.config import PluginRef, Strict, _base_dir, show
 from biwm.core.plugins import PluginManager, UnknownPluginError, get_plugin_manager
-from biwm.core.toyworld import ToyWorldConfig
+
+if typing.TYPE_CHECKING:
+    from biwm.core.protocols import ClipSource
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything larger is not one
 MAX_DEPTH = 64  # nesting levels of a recipe (ten are plenty)
 MAX_ERRORS = 20  # problems listed before "... and N more"
+DEFAULT_DATASET = "toyworld"  # the dataset of a recipe whose data names no source
 
 
 class ModelConfig(Strict):
@@ -37,26 +44,19 @@ class ModelConfig(Strict):
                                      "within it) exists as the baseline BiWM is measured against")
 
 
-class ToyWorldData(Strict):
-    source: Literal["toyworld"] = "toyworld"
-    train_clips: int = Field(256, ge=1)
-    heldout_clips: int = Field(8, ge=1)
-    frames: int = Field(16, ge=2, description="video frames per clip")
-    prompt: str = ""
-    toyworld: ToyWorldConfig = Field(default_factory=ToyWorldConfig)
-
-
 class Recipe(Strict):
     """A recipe. Validate one with :func:`validate_recipe`, which uses :func:`recipe_model`: this
-    base class leaves ``stages`` untyped, since the stages are whatever the plugins register."""
+    base class leaves ``data`` and ``stages`` untyped, since the datasets and the stages are
+    whatever the plugins register."""
 
     name: str = "run"
     run_dir: Path = Path("runs/run")
     seed: int = Field(0, ge=0, lt=2**32)
-    data: ToyWorldData = Field(default_factory=ToyWorldData)
+    data: Any = Field(default_factory=dict)  # the options model of the dataset data.source names (see recipe_model)
     model: ModelConfig
     stages: list[Any] = Field(min_length=1)  # each a stage's config model (see recipe_model)
     stage_configs: ClassVar[dict[str, type[BaseModel]]] = {}  # name -> config model, set by recipe_model
+    dataset_configs: ClassVar[dict[str, type[BaseModel]]] = {}  # name -> options model, set by recipe_model
     # Filled by validate_recipe: the resolved plugin options, keyed like the recipe (not a recipe field).
     _resolved: dict[str, Any] = PrivateAttr(default_factory=dict)
 
@@ -86,20 +86,28 @@ class Recipe(Strict):
         return data
 
 
-_RECIPE_MODELS: dict[tuple[tuple[str, type[BaseModel]], ...], type[Recipe]] = {}
+_RECIPE_MODELS: dict[tuple[tuple[tuple[str, type[BaseModel]], ...], ...], type[Recipe]] = {}
 
 
 def recipe_model(pm: PluginManager | None = None) -> type[Recipe]:
     """:class:`Recipe` with ``stages`` typed by the stage registry: a list whose items are told apart
-    by ``stage`` and validated by that stage's config model (a plugin's as much as a built-in's).
-    Built once per set of registered stages."""
-    configs = {name: spec.options for name, spec in (pm or get_plugin_manager()).registry("stage").items()}
-    key = tuple(configs.items())
+    by ``stage`` and validated by that stage's config model (a plugin's as much as a built-in's);
+    and ``data`` by the dataset registry: the options model of the dataset ``data.source`` names
+    (``toyworld`` when it names none). Built once per set of registered stages and datasets."""
+    pm = pm or get_plugin_manager()
+    configs = {name: spec.options for name, spec in pm.registry("stage").items()}
+    datasets = {name: spec.options for name, spec in pm.registry("dataset").items()}
+    key = (tuple(configs.items()), tuple(datasets.items()))
     if key not in _RECIPE_MODELS:
         item: Any = Annotated[Union[tuple(configs.values())], Field(discriminator="stage")] if configs else \
             Annotated[Any, AfterValidator(_no_stages)]
-        model = create_model("Recipe", __base__=Recipe, __module__=__name__, stages=(list[item], Field(min_length=1)))
-        model.stage_configs = configs
+        data: Any = Annotated[Union[tuple(datasets.values())], Field(discriminator="source")] if datasets else \
+            Annotated[Any, AfterValidator(_no_datasets)]
+        model = create_model("Recipe", __base__=Recipe, __module__=__name__,
+                             data=(Annotated[data, BeforeValidator(_default_source)],
+                                   Field(default_factory=dict, validate_default=True)),
+                             stages=(list[item], Field(min_length=1)))
+        model.stage_configs, model.dataset_configs = configs, datasets
         if len(_RECIPE_MODELS) > 16:  # registries rebuilt with other plugins (tests): forget the old ones
             _RECIPE_MODELS.clear()
         _RECIPE_MODELS[key] = model
@@ -109,6 +117,23 @@ def recipe_model(pm: PluginManager | None = None) -> type[Recipe]:
 def _no_stages(value: Any) -> Any:
     tag = value.get("stage") if isinstance(value, dict) else value
     raise ValueError(f"unknown stage {show(tag)}; allowed: (none installed)")
+
+
+def _default_source(value: Any) -> Any:
+    """``data:`` without ``source`` is the toy world's options (every recipe before datasets were plugins)."""
+    return {**value, "source": DEFAULT_DATASET} if isinstance(value, dict) and "source" not in value else value
+
+
+def _no_datasets(value: Any) -> Any:
+    """No dataset is registered: every source is unknown (reported as an unknown tag, like one
+    that none of the registered datasets has)."""
+    raise PydanticCustomError("union_tag_invalid", "no dataset is registered", {"tag": show(value)})
+
+
+def dataset_for(recipe: Recipe, pm: PluginManager | None = None) -> "ClipSource":
+    """The recipe's dataset: the plugin ``data.source`` names, made with the recipe's ``data`` options.
+    Stages read clips only through it (``RunContext.dataset``)."""
+    return (pm or get_plugin_manager()).get("dataset", recipe.data.source).create(recipe.data)
 
 
 class FieldError(Exception):
@@ -189,20 +214,26 @@ def _pydantic_errors(exc: ValidationError, prefix: tuple[Any, ...], model: type[
                      pm: PluginManager | None = None) -> list[FieldError]:
     out = []
     stage_configs = getattr(model, "stage_configs", {}) if prefix == () else {}
+    dataset_configs = getattr(model, "dataset_configs", {}) if prefix == () else {}
     for err in exc.errors(include_url=False):
         raw = err["loc"]
         loc, where_model, sub = raw, model, raw
         if len(raw) > 2 and raw[0] == "stages" and raw[2] in stage_configs:
             loc = raw[:2] + raw[3:]  # drop the discriminator tag pydantic puts in the location
             where_model, sub = stage_configs[raw[2]], raw[3:]
+        elif len(raw) > 1 and raw[0] == "data" and raw[1] in dataset_configs:
+            loc = raw[:1] + raw[2:]
+            where_model, sub = dataset_configs[raw[1]], raw[2:]
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             parent_fields = _fields_at(where_model, sub[:-1])
             msg = f"unknown field {show(loc[-1])}" + (f"; allowed: {', '.join(parent_fields)}" if parent_fields else "")
         elif err["type"] == "union_tag_invalid":
-            tag = err["input"].get("stage") if isinstance(err["input"], dict) else err["input"]
-            msg = _unknown_plugin("stage", UnknownPluginError("stage", tag, list(stage_configs)),
-                                  pm or get_plugin_manager())
+            kind, field, allowed = (("dataset", "source", sorted(dataset_configs)) if raw == ("data",) else
+                                    ("stage", "stage", list(stage_configs)))
+            tag = err["input"].get(field) if isinstance(err["input"], dict) else err["input"]
+            msg = _unknown_plugin(kind, UnknownPluginError(kind, tag, allowed), pm or get_plugin_manager())
+            loc = ("data", "source") if kind == "dataset" else loc
         elif "input" in err and not isinstance(err["input"], dict):
             msg = f"{msg} (got {show(err['input'])}){_expected(where_model, sub)}"
         out.append(FieldError(_loc(prefix + loc), msg))
@@ -277,7 +308,9 @@ def _geometry_errors(recipe: "Recipe") -> list[FieldError]:
     if geometry is None:
         return []
     multiple = geometry()[1]
-    toy = recipe.data.toyworld
+    toy = getattr(recipe.data, "toyworld", None)
+    if toy is None:  # a dataset without the toy world's rendering sizes
+        return []
     return [FieldError(f"data.toyworld.{side}", f"{value} is not a multiple of {multiple}, which backbone "
                        f"{recipe.model.backbone.name} needs (codec factor x patch size); try "
                        f"{max(multiple, round(value / multiple) * multiple)}")

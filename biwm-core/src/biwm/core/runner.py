@@ -24,7 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from biwm.core.checkpoint import (CorruptFileError, atomic_write_text, current_run_id, load_tensors,
                                   remove_temporaries)
 from biwm.core.plugins import get_plugin_manager
-from biwm.core.recipe import Recipe
+from biwm.core.protocols import ClipSource
+from biwm.core.recipe import Recipe, dataset_for
 from biwm.core.window import WorldModel
 
 DONE_MARKER = "DONE"
@@ -63,6 +64,14 @@ class RunContext:
     metrics: dict[str, Any] = field(default_factory=dict)
     log_with: str | None = None  # an accelerate tracker ("tensorboard"), or None
     _accelerator: Any = None
+    _dataset: Any = None
+
+    @property
+    def dataset(self) -> ClipSource:
+        """The recipe's dataset, made on first use: the one place stages read clips from."""
+        if self._dataset is None:
+            self._dataset = dataset_for(self.recipe)
+        return self._dataset
 
     @property
     def accelerator(self):

@@ -197,7 +197,6 @@ class Distiller:
 
 def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
     from biwm.core.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_weights
-    from biwm.core.data import toyworld_latents
     from biwm.core.dmd import student_sigmas
     from biwm.core.plugins import get_plugin_manager
     from biwm.core.runner import progress_bar
@@ -222,16 +221,17 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
     nets = Distiller(cfg, lambda report: load_world_model(ctx, init=cfg.init, strict=strict, report=report),
                      make_losses, device, recipe.model.attention, load_generator)
 
+    dataset = ctx.dataset
     tf = nets.generator.backbone.temporal_factor
-    latent_frames = 1 + (recipe.data.frames - 1) // tf
+    latent_frames = 1 + (dataset.frames - 1) // tf
     if cfg.history_frames + cfg.chunks * cfg.chunk_frames > latent_frames:
         raise ValueError(f"stage distill: history_frames + chunks * chunk_frames = "
                          f"{cfg.history_frames + cfg.chunks * cfg.chunk_frames} latent frames, but data clips of "
-                         f"{recipe.data.frames} frames have {latent_frames}; raise data.frames or lower chunks")
-    with ctx.console.status(f"rendering and encoding {recipe.data.train_clips} toy-world training clips"):
-        data = toyworld_latents("train", recipe.data.train_clips, latent_frames, recipe.data.toyworld,
-                                nets.generator.backbone, ctx.run_dir / "cache", ctx.cache_key(), device=device)
-    text, null_text = text_embeddings(nets.generator, recipe.data.prompt, cfg.batch_size, device)
+                         f"{dataset.frames} frames have {latent_frames}; raise data.frames or lower chunks")
+    with ctx.console.status(f"reading and encoding {dataset.train_clips} training clips ({recipe.data.source})"):
+        data = dataset.latents("train", dataset.train_clips, latent_frames, nets.generator.backbone,
+                               ctx.run_dir / "cache", ctx.cache_key(), device=device)
+    text, null_text = text_embeddings(nets.generator, dataset.prompt, cfg.batch_size, device)
     sigmas = student_sigmas(cfg.student_steps, cfg.student_shift, device)
     rng = torch.Generator().manual_seed(recipe.seed + 2)
 

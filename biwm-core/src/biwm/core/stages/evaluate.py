@@ -3,7 +3,9 @@
 
 Held-out trajectories are rolled out chunk by chunk from their true history with their true
 actions (and, as a control, with another trajectory's actions); a few held-out scenes are also
-rolled out under a still camera, several samples each, for dynamics and diversity.
+rolled out under a still camera, several samples each, for dynamics and diversity. Clips come
+from the recipe's dataset; one that is not the toy world gets the quality and drift scores only
+(the IDM, the shuffled-actions baseline and the still-camera scenes are the toy world's).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def resolve_idm(ctx, cfg: EvaluateConfig):
     from biwm.core.idm import IDMTrainConfig, cache_dir, find_idm, idm_key, load_idm, save_idm, train_idm
     from biwm.core.runner import progress_bar
 
-    config = ctx.recipe.data.toyworld
+    config = ctx.dataset.toyworld
     path = cfg.idm or find_idm(config)
     if path is not None:
         return load_idm(path, config, ctx.device)
@@ -69,7 +71,7 @@ def resolve_idm(ctx, cfg: EvaluateConfig):
 
 
 def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
-    from biwm.core.data import toyworld_latents, video_frames_for
+    from biwm.core.data import video_frames_for
     from biwm.core.evaluation import (camera_scores, dynamics_scores, quality_scores, rollout_video,
                                       shuffled_camera, true_clip_scores)
     from biwm.core.idm import action_accuracy
@@ -78,18 +80,23 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
     from biwm.core.video import as_uint8
 
     recipe = ctx.recipe
-    toy = recipe.data.toyworld
+    dataset = ctx.dataset
+    toy = getattr(dataset, "toyworld", None)  # the IDM, action steps and still-camera scenes are the toy world's
+    if toy is None:
+        ctx.console.print(f"[yellow]dataset {recipe.data.source} is not the toy world[/]: quality and drift only "
+                          "(no IDM camera following, shuffled-actions baseline or still-camera dynamics)")
     device = ctx.device
     world = load_world_model(ctx, init=cfg.init).to(device).eval()
-    idm = resolve_idm(ctx, cfg).model
+    idm = resolve_idm(ctx, cfg).model if toy is not None else None
     bb = world.backbone
     tf = bb.temporal_factor
     total_lat = cfg.history_frames + cfg.chunks * cfg.chunk_frames
-    with ctx.console.status(f"rendering {cfg.trajectories} held-out trajectories of {total_lat} latent frames"):
-        data = toyworld_latents("heldout", cfg.trajectories, total_lat, toy, bb, ctx.run_dir / "cache",
-                                ctx.cache_key(), device=device, keep_frames=True)
+    with ctx.console.status(f"reading {cfg.trajectories} held-out trajectories of {total_lat} latent frames "
+                            f"({recipe.data.source})"):
+        data = dataset.latents("heldout", cfg.trajectories, total_lat, bb, ctx.run_dir / "cache", ctx.cache_key(),
+                               device=device, keep_frames=True)
     n = len(data)
-    text, null_text = text_embeddings(world, recipe.data.prompt, n, device)
+    text, null_text = text_embeddings(world, dataset.prompt, n, device)
     history = data.latents[:, :, :cfg.history_frames].to(device)
     camera = data.camera.frames(slice(tf - 1, None))  # video rate, T = 1 + tf*(F-1)
     h_video = video_frames_for(cfg.history_frames, tf)
@@ -97,8 +104,9 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
     last_history = data.frames[:, h_video - 1:h_video]
     per_chunk = cfg.chunk_frames * tf
     sampler = sampler_for(ctx, cfg.init, cfg.steps, cfg.shift, cfg.cfg_scale, cfg.history_sigma)
-    shuffled = cfg.shuffled_baseline and n > 1
-    total_chunks = cfg.chunks * (2 if shuffled else 1) + (cfg.dynamics_chunks if cfg.dynamics_scenes else 0)
+    shuffled = cfg.shuffled_baseline and n > 1 and toy is not None
+    dynamics = cfg.dynamics_scenes and toy is not None
+    total_chunks = cfg.chunks * (2 if shuffled else 1) + (cfg.dynamics_chunks if dynamics else 0)
     if sampler.student and cfg.compare_teacher:
         total_chunks += cfg.chunks
 
@@ -113,6 +121,8 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
                                  recipe.model.attention, on_chunk=lambda _i: update())
 
         def follows(video, cam=camera):
+            if idm is None:
+                return {}
             return camera_scores(idm, torch.cat([last_history, as_uint8(video)], 1), cam, h_video, toy, per_chunk)
 
         correct = roll(world, sampler)
@@ -131,20 +141,22 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
             metrics["idm_accuracy_shuffled"] = action_accuracy(predicted["predicted"],
                                                                camera.actions[:, h_video:].cpu())["accuracy"]
             metrics["idm_accuracy_shuffled_commands"] = predicted["accuracy"]
-        metrics.update(true_clip_scores(idm, data.frames, camera.actions))
+        if idm is not None:
+            metrics.update(true_clip_scores(idm, data.frames, camera.actions))
         teacher_path = weights_metadata(ctx, cfg.init).get("teacher") if sampler.student else None
         if cfg.compare_teacher and teacher_path:
             metrics.update(teacher_scores(ctx, cfg, Path(teacher_path), metrics,
                                           lambda video: (quality_scores(video, truth, per_chunk), follows(video)), roll))
-        if cfg.dynamics_scenes:
+        if dynamics:
             metrics.update(dynamics_scores(world, text, null_text, toy, cfg.dynamics_scenes, cfg.diversity_samples,
                                            cfg.history_frames, cfg.dynamics_chunks, cfg.chunk_frames, sampler,
                                            cfg.seed + 1, recipe.model.attention, device, cfg.motion_threshold,
                                            on_chunk=lambda _i: update()))
 
+    following = (f"IDM accuracy {metrics['idm_accuracy']:.3f} (true clips {metrics['idm_accuracy_true_clips']:.3f}, "
+                 f"chance {metrics['idm_chance']:.3f}); " if idm is not None else "")
     ctx.console.print(
-        f"evaluate: IDM accuracy {metrics['idm_accuracy']:.3f} (true clips {metrics['idm_accuracy_true_clips']:.3f}, "
-        f"chance {metrics['idm_chance']:.3f}); PSNR chunk 1 {metrics['psnr_chunk1']:.2f} dB, chunk {cfg.chunks} "
+        f"evaluate: {following}PSNR chunk 1 {metrics['psnr_chunk1']:.2f} dB, chunk {cfg.chunks} "
         f"{metrics[f'psnr_chunk{cfg.chunks}']:.2f} dB" + (f"; dynamics {metrics['dynamics']:.2f}, diversity "
                                                            f"{metrics['diversity']:.4f}" if metrics.get("dynamics") is not None else ""),
         highlight=False)
@@ -156,7 +168,8 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
     if getattr(ctx, "log_with", None):  # the strip image is built only for a tracker
         from biwm.core.video import strip_grid
 
-        ctx.log({"evaluate/psnr": metrics["psnr"], "evaluate/idm_accuracy": metrics["idm_accuracy"],
+        ctx.log({"evaluate/psnr": metrics["psnr"],
+                 **({"evaluate/idm_accuracy": metrics["idm_accuracy"]} if idm is not None else {}),
                  "evaluate/samples": strip_grid(strip, per_chunk, max(1, 96 // strip[0].shape[-1]))}, step=0)
     return metrics
 
@@ -177,7 +190,7 @@ def teacher_scores(ctx, cfg: EvaluateConfig, path: Path, student: dict, score, r
     quality, follow = score(roll(teacher, sampler))
     return {"teacher_psnr": quality["psnr"], "teacher_psnr_per_chunk": quality["psnr_per_chunk"],
             "teacher_ssim": quality["ssim"], "teacher_sharpness": quality["sharpness"],
-            "teacher_idm_accuracy": follow["accuracy"], "teacher_idm_accuracy_last5": follow.get("accuracy_last5"),
+            "teacher_idm_accuracy": follow.get("accuracy"), "teacher_idm_accuracy_last5": follow.get("accuracy_last5"),
             "teacher_nfe_per_chunk": sampler.nfe_per_chunk, "teacher_sampler": sampler.describe(),
             "student_psnr": student["psnr"], "student_ssim": student["ssim"], "student_sharpness": student["sharpness"],
-            "student_idm_accuracy": student["idm_accuracy"], "student_nfe_per_chunk": student["nfe_per_chunk"]}
+            "student_idm_accuracy": student.get("idm_accuracy"), "student_nfe_per_chunk": student["nfe_per_chunk"]}

@@ -67,8 +67,8 @@ class FinetuneConfig(Strict):
         if self.lr * max(1.0, self.new_module_lr_scale) > 1e3:
             return [f"lr: {self.lr:g} (x new_module_lr_scale {self.new_module_lr_scale:g}) is far above any "
                     "learning rate that trains; expected at most 1e3"]
-        frames = recipe.data.frames
-        if self.chunk_frames >= frames:
+        frames = getattr(recipe.data, "frames", None)  # a dataset whose options set the clip length
+        if frames is not None and self.chunk_frames >= frames:
             return [f"chunk_frames: {self.chunk_frames} must be smaller than data.frames ({frames})"]
         return []
 
@@ -155,7 +155,6 @@ def _blame(cfg: FinetuneConfig) -> str:
 
 def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     from biwm.core.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_weights
-    from biwm.core.data import toyworld_latents
     from biwm.core.ema import ModelEMA
     from biwm.core.runner import progress_bar
     from biwm.core.stages.common import load_world_model, model_card, text_embeddings
@@ -174,13 +173,14 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
         raise ValueError("stage finetune: nothing to train (train: controls with no controls in the model)")
     optimizer = make_optimizer(world, cfg, fused=device.type == "cuda")
 
+    dataset = ctx.dataset
     tf = world.backbone.temporal_factor
-    latent_frames = 1 + (recipe.data.frames - 1) // tf
-    with ctx.console.status(f"rendering and encoding {recipe.data.train_clips} toy-world training clips"):
-        data = toyworld_latents("train", recipe.data.train_clips, latent_frames, recipe.data.toyworld, world.backbone,
-                                ctx.run_dir / "cache", ctx.cache_key(), device=device)
+    latent_frames = 1 + (dataset.frames - 1) // tf
+    with ctx.console.status(f"reading and encoding {dataset.train_clips} training clips ({recipe.data.source})"):
+        data = dataset.latents("train", dataset.train_clips, latent_frames, world.backbone, ctx.run_dir / "cache",
+                               ctx.cache_key(), device=device)
     data = data.to(device)  # resident: a step gathers its windows where they are
-    text, null_text = text_embeddings(world, recipe.data.prompt, cfg.batch_size, device)
+    text, null_text = text_embeddings(world, dataset.prompt, cfg.batch_size, device)
 
     world, optimizer = acc.prepare(world, optimizer)
     model = acc.unwrap_model(world)

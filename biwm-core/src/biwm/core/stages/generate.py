@@ -76,7 +76,7 @@ def key_frames(keys: str) -> int | None:
 
 def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
     from biwm.core.camera import CameraTrack, actions_to_poses, parse_keys
-    from biwm.core.data import toyworld_latents, video_frames_for
+    from biwm.core.data import video_frames_for
     from biwm.core.evaluation import rollout_video, shuffled_camera
     from biwm.core.video import as_uint8
     from biwm.core.metrics import finite_mean, psnr
@@ -90,11 +90,16 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
     tf = bb.temporal_factor
     h_lat = cfg.history_frames
     total_lat = h_lat + cfg.chunks * cfg.chunk_frames
-    with ctx.console.status(f"rendering {cfg.trajectories} held-out trajectories"):
-        data = toyworld_latents("heldout", cfg.trajectories, total_lat, recipe.data.toyworld, bb,
-                                ctx.run_dir / "cache", ctx.cache_key(), device=device, keep_frames=True)
+    dataset = ctx.dataset
+    with ctx.console.status(f"reading {cfg.trajectories} held-out trajectories ({recipe.data.source})"):
+        data = dataset.latents("heldout", cfg.trajectories, total_lat, bb, ctx.run_dir / "cache", ctx.cache_key(),
+                               device=device, keep_frames=True)
+    toy = getattr(dataset, "toyworld", None)  # its action steps integrate actions to poses (shuffled, keys)
+    if toy is None and (cfg.shuffled_baseline or cfg.keys is not None):
+        ctx.console.print(f"[yellow]dataset {recipe.data.source} is not the toy world[/]: no shuffled-actions "
+                          "baseline or keys rollout (they integrate actions with the toy world's steps)")
     n = len(data)
-    text, null_text = text_embeddings(world, recipe.data.prompt, n, device)
+    text, null_text = text_embeddings(world, dataset.prompt, n, device)
     history = data.latents[:, :, :h_lat].to(device)
     raw_camera = data.camera.frames(slice(tf - 1, None))  # video rate, T = 1 + tf*(F-1)
     h_video = video_frames_for(h_lat, tf)
@@ -117,8 +122,8 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
                "psnr_copy_last_frame": finite_mean(psnr(copy_last, truth), "PSNR of copying the last frame"),
                "psnr_correct_per_trajectory": psnr(correct, truth).tolist()}
     rows = {"truth": truth, "correct": correct}
-    if cfg.shuffled_baseline and n > 1:
-        shuffled = generate(shuffled_camera(raw_camera, h_video, recipe.data.toyworld), "shuffled actions")
+    if cfg.shuffled_baseline and n > 1 and toy is not None:
+        shuffled = generate(shuffled_camera(raw_camera, h_video, toy), "shuffled actions")
         metrics["psnr_shuffled_actions"] = finite_mean(psnr(shuffled, truth), "PSNR of the shuffled rollout")
         metrics["psnr_shuffled_per_trajectory"] = psnr(shuffled, truth).tolist()
         rows["shuffled"] = shuffled
@@ -138,7 +143,7 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
     write_strip(stage_dir / "strip.png", [torch.cat([past[0], as_uint8(rows[k][0])]) for k in rows],
                 scale=max(1, 128 // past.shape[-1]), labels=[{"truth": "truth", "correct": "true actions", "shuffled": "other actions"}[k] for k in rows],
                 history=past.shape[1])
-    if cfg.keys is not None:
+    if cfg.keys is not None and toy is not None:
         keys = parse_keys(cfg.keys).to(raw_camera.c2w.device)
         if len(keys) != truth.shape[1]:  # validation checks this; a recipe built by hand may not be validated
             raise ValueError(f"keys: {len(keys)} frames for a rollout of {truth.shape[1]}")
@@ -148,7 +153,7 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
         actions[0, h_video:h_video + frames] = keys[:frames]
         c2w = first.c2w.clone()
         c2w[:, h_video:h_video + frames] = actions_to_poses(actions[:, h_video:h_video + frames], first.c2w[:, h_video - 1],
-                                                            recipe.data.toyworld.move_step, recipe.data.toyworld.turn_step_deg)
+                                                            toy.move_step, toy.turn_step_deg)
         keyed = generate(CameraTrack(c2w, first.intrinsics, actions), f"keys {cfg.keys}", slice(0, 1))
         write_mp4(stage_dir / "keys.mp4", torch.cat([past[0], as_uint8(keyed[0])]), fps=cfg.fps, scale=4)
         metrics["keys"] = cfg.keys
