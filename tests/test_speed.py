@@ -227,6 +227,11 @@ def test_backbone_speed_methods_are_required_only_when_asked():
         apply_speedups(world, SpeedOptions(attention="flash"))
     with pytest.raises(ValueError, match="attention kernel 'fast': expected one of auto, flash"):
         tiny.backbone.set_attention_kernel("fast")
+    # the Wan backbone declares every optional capability through its protocol
+    from biwm.core.protocols import AttentionKernelChoice, BlockAccess, ChannelsLastDecoder, CompilableDecoder
+
+    for capability in (AttentionKernelChoice, BlockAccess, ChannelsLastDecoder, CompilableDecoder):
+        assert isinstance(tiny.backbone, capability) and not isinstance(world.backbone, capability)
 
 
 def test_biwm_core_imports_no_diffusers_and_no_backbone():

@@ -64,12 +64,11 @@ class HistoryTokens:
 class Backbone(Protocol):
     """A pretrained video DiT + latent codec + text encoder, at the level BiWM needs.
 
-    Optional speed hooks, used by ``biwm.core.speed.SpeedOptions`` when present:
-    ``set_attention_kernel(name)`` (one of "auto", "flash", "cudnn", "efficient", "math"),
-    ``compile_decoder(**torch_compile_kwargs)`` and ``channels_last_decoder()``. A backbone without
-    them runs with attention "auto" and its decoder as it is; asking for more is a clear error.
-    ``block_modules()`` (the transformer blocks in order) serves losses that read hidden states
-    (the ``gan`` loss); a backbone without it cannot be used with them."""
+    Optional capabilities, each its own protocol below, checked with ``isinstance`` where used:
+    :class:`AttentionKernelChoice`, :class:`ChannelsLastDecoder` and :class:`CompilableDecoder`
+    (``biwm.core.speed.SpeedOptions``; a backbone without them runs with attention "auto" and its
+    decoder as it is, and asking for more is a clear error) and :class:`BlockAccess` (losses that
+    read hidden states, such as ``gan``)."""
 
     hidden_dim: int
     latent_channels: int
@@ -110,6 +109,35 @@ class Backbone(Protocol):
     def stream_decoder(self) -> "StreamDecoder": ...
 
     def encode_text(self, prompts: list[str]) -> Tensor: ...
+
+
+@runtime_checkable
+class AttentionKernelChoice(Protocol):
+    """A backbone whose transformer attention can be pinned to one SDPA kernel."""
+
+    def set_attention_kernel(self, name: str) -> None:
+        """One of "auto", "flash", "cudnn", "efficient", "math"."""
+
+
+@runtime_checkable
+class ChannelsLastDecoder(Protocol):
+    """A backbone whose video decoder's Conv3d weights can be made channels-last."""
+
+    def channels_last_decoder(self) -> None: ...
+
+
+@runtime_checkable
+class CompilableDecoder(Protocol):
+    """A backbone whose video decoder can be ``torch.compile``d in place."""
+
+    def compile_decoder(self, **torch_compile_kwargs: Any) -> None: ...
+
+
+@runtime_checkable
+class BlockAccess(Protocol):
+    """A backbone that hands out its transformer blocks in order (for losses that read hidden states)."""
+
+    def block_modules(self) -> list[nn.Module]: ...
 
 
 class StreamDecoder(Protocol):

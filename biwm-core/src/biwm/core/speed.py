@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from biwm.core.protocols import AttentionKernelChoice, ChannelsLastDecoder, CompilableDecoder
 from biwm.core.config import PluginRef
 from biwm.core.video import as_uint8
 from biwm.core.window import WorldModel
@@ -84,9 +85,9 @@ def apply_speedups(world: WorldModel, options: SpeedOptions) -> WorldModel:
             # each forward is a new step of the CUDA-graph tree, so the last one's outputs may be reused
             world.register_forward_pre_hook(lambda *_: torch.compiler.cudagraph_mark_step_begin())
     if options.channels_last_decoder:
-        _backbone_method(world, "channels_last_decoder")()
+        _capable(world, ChannelsLastDecoder, "channels_last_decoder").channels_last_decoder()
     if options.compile_decoder:  # default mode: its frame caches are fed back in, which CUDA graphs would overwrite
-        _backbone_method(world, "compile_decoder")(dynamic=False)
+        _capable(world, CompilableDecoder, "compile_decoder").compile_decoder(dynamic=False)
     world.speed_options = options
     return world
 
@@ -110,16 +111,17 @@ def compile_blocks(world: WorldModel, dynamic: bool | None = False, mode: str | 
         module.compile(**kwargs)
 
 
-def _backbone_method(world: WorldModel, name: str):
-    if not hasattr(world.backbone, name):
+def _capable(world: WorldModel, capability: type, name: str) -> Any:
+    """The backbone, if it has the optional ``capability`` (a protocol of :mod:`biwm.core.protocols`)."""
+    if not isinstance(world.backbone, capability):
         raise ValueError(f"{name}: the {type(world.backbone).__name__} backbone has no {name}()")
-    return getattr(world.backbone, name)
+    return world.backbone
 
 
 def set_attention(world: WorldModel, name: str) -> None:
     """Make the transformer's attention use one SDPA kernel ("auto": PyTorch's choice), through the
     backbone's ``set_attention_kernel`` (a backbone without one supports only "auto")."""
-    if not hasattr(world.backbone, "set_attention_kernel"):
+    if not isinstance(world.backbone, AttentionKernelChoice):
         if name != "auto":
             raise ValueError(f"attention: the {type(world.backbone).__name__} backbone cannot choose an attention "
                              "kernel (no set_attention_kernel); use attention: auto")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from biwm.core.protocols import BlockAccess
 from biwm.core.schedule import add_noise, timestep
 from biwm.core.window import Window
 
@@ -40,7 +41,7 @@ class GAN(nn.Module):
         super().__init__()
         if backbone is None:
             raise ValueError("the gan loss needs the critic's backbone")
-        if not hasattr(backbone, "block_modules"):
+        if not isinstance(backbone, BlockAccess):
             raise ValueError(f"the gan loss reads the critic's hidden states after chosen transformer blocks, through "
                              f"the backbone's block_modules(); the {type(backbone).__name__} backbone has none")
         depth = len(backbone.block_modules())
