@@ -75,13 +75,6 @@ def measure(run: Path, overrides: list[str], args, device: str) -> dict[str, Any
     truth = data.frames[:, h_video:]
     sampler = sampler_for(ctx, weights, args.steps, args.shift, 1.0)
 
-    counts: list[int] = []
-    run_blocks = bb.run_blocks
-
-    def counted(tokens, *a, **kw):
-        counts.append(tokens.shape[1])
-        return run_blocks(tokens, *a, **kw)
-
     def roll(chunks: int, on_chunk=None):
         return rollout_video(world, text, null_text, history, camera, chunks, args.chunk_frames, sampler, args.seed,
                              recipe.model.attention, on_chunk=on_chunk)
@@ -91,15 +84,11 @@ def measure(run: Path, overrides: list[str], args, device: str) -> dict[str, Any
     def chunk_done(_i: int) -> None:
         marks.append(time.perf_counter())
         seconds.append(marks[-1] - marks[-2])
-        tokens.append(counts[-1])
+        tokens.append(world.last_window_tokens)  # the chunk's last forward: history + chunk tokens
 
-    bb.run_blocks = counted
-    try:
-        roll(min(2, args.chunks))  # warm-up (kernels, allocator)
-        marks.append(time.perf_counter())
-        video = roll(args.chunks, chunk_done)
-    finally:
-        bb.run_blocks = run_blocks
+    roll(min(2, args.chunks))  # warm-up (kernels, allocator)
+    marks.append(time.perf_counter())
+    video = roll(args.chunks, chunk_done)
     quality = quality_scores(video, truth, args.chunk_frames * tf)
     comp = recipe.model.compressor
     out = {"compressor": comp.name, "compressor_options": recipe.resolved["model.compressor"].model_dump(mode="json"),

@@ -55,6 +55,7 @@ def test_noise_history_mixes_with_the_noise_and_the_model_sees_the_level():
     tokens_per_frame = 8 * 8 // 4  # tiny preset: 2x2 patches on an 8x8 latent
     n_hist = 2 * tokens_per_frame
     assert clean_t.shape == noised_t.shape == (2, n_hist + 2 * tokens_per_frame)
+    assert world.last_window_tokens == n_hist + 2 * tokens_per_frame  # what the blocks saw, told without a spy
     assert torch.equal(clean_t[:, :n_hist], torch.zeros(2, n_hist))
     assert torch.allclose(noised_t[:, :n_hist], timestep(torch.tensor([0.2, 0.5]))[:, None].expand(2, n_hist))
     assert torch.equal(noised_t[:, n_hist:], clean_t[:, n_hist:])  # the chunk keeps its own timestep

@@ -77,6 +77,7 @@ class WorldModel(nn.Module):
         self.backbone = backbone
         self.controls = nn.ModuleDict(controls)
         self.compressor = compressor
+        self.last_window_tokens: int | None = None  # set by each forward: what the blocks attended over
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """What checkpoints hold: the transformer, the controls, the compressor (not the codec)."""
@@ -157,6 +158,7 @@ class WorldModel(nn.Module):
                     batch, n_hist, chunk_mod.shape[-1])
                 modulation = torch.cat([hist_mod, chunk_mod], dim=1)
 
+        self.last_window_tokens = seq.shape[1]  # history + chunk tokens the blocks saw (a Python int: no sync)
         mask = causal_mask(positions, n_hist) if window.attention == "causal" else None
         out = bb.run_blocks(seq, timesteps, window.text, bb.rotary(positions), attention_mask=mask,
                             modulation=modulation)
