@@ -123,3 +123,23 @@ def test_speed_options_convert_the_model_once_and_frames_need_decode(monkeypatch
     assert kernels == ["math", "auto"]
     with pytest.raises(ValueError, match="open the session with decode=True"):
         session.ready()
+
+
+def test_a_step_may_take_keys_integrated_from_the_last_pose():
+    """Interactive play drives a session with action labels: a step given keys equals a step given
+    the poses those keys integrate to from the session's last pose."""
+    from biwm.core.camera import CameraTrack, actions_to_poses
+
+    world, text, null, history, camera = rollout_inputs(chunks=2)
+    keys = torch.tensor([[1, 1], [40, 0]])  # two frames of one action each per clip (tiny codec: tf = 1)
+    sessions = [RolloutSession(world, text, null, history, SAMPLERS["teacher with CFG"], camera.frames(slice(0, 2)),
+                               torch.Generator().manual_seed(0), chunk_frames=2) for _ in range(2)]
+    by_keys = sessions[0].step(keys)
+    poses = actions_to_poses(keys, camera.c2w[:, 1])
+    assert not torch.allclose(poses[0, -1], camera.c2w[0, 1])  # the keys move the camera from its last pose
+    by_poses = sessions[1].step(CameraTrack(poses, camera.intrinsics, keys))
+    assert torch.equal(by_keys, by_poses)
+    assert torch.equal(sessions[0].camera.c2w, sessions[1].camera.c2w)
+    assert torch.equal(sessions[0].camera.actions[:, 2:], keys)
+    with pytest.raises(ValueError, match=r"action labels must be integers \[B, K\*tf\] = \[2, 2\]"):
+        sessions[0].step(torch.zeros(2, 3, dtype=torch.long))

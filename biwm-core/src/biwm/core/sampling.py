@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from biwm.core.camera import CameraTrack
+from biwm.core.camera import CameraTrack, actions_to_poses
 from biwm.core.protocols import AttentionMode
 from biwm.core.schedule import add_noise, euler_step, predict_x0, sampling_sigmas, shift_sigma, timestep
 from biwm.core.speed import Clock, FrameStream, Mark, SpeedOptions, apply_speedups, elapsed
@@ -208,14 +208,26 @@ class RolloutSession:
         return self.history.shape[2]
 
     @torch.no_grad()
-    def step(self, camera: CameraTrack | None = None) -> Tensor:
+    def step(self, camera: CameraTrack | Tensor | None = None, move_step: float = 0.15,
+             turn_step_deg: float = 5.0) -> Tensor:
         """Generate the next chunk under ``camera`` (its ``chunk_frames * temporal_factor`` video
         frames; None for a model without control) and return its latents [B, C, K, h, w]. With
-        ``decode`` its frames follow through :meth:`ready` / :meth:`finish`."""
+        ``decode`` its frames follow through :meth:`ready` / :meth:`finish`.
+
+        ``camera`` may also be the chunk's action labels [B, K*tf] (keys, as in interactive play):
+        they are integrated into poses from the last pose the session holds, ``move_step`` and
+        ``turn_step_deg`` per frame (the toy world's defaults), with the session's intrinsics."""
         start = self.clock.mark() if self.timings is not None else None
         k, tf = self.chunk_frames, self.world.backbone.temporal_factor
         if (camera is None) != (self.camera is None):
             raise ValueError("RolloutSession.step: give a camera exactly when the session was opened with one")
+        if isinstance(camera, Tensor):
+            if camera.dim() != 2 or camera.shape != (self.camera.c2w.shape[0], k * tf) or camera.is_floating_point():
+                raise ValueError(f"RolloutSession.step: action labels must be integers [B, K*tf] = "
+                                 f"{[self.camera.c2w.shape[0], k * tf]}, got {camera.dtype} {list(camera.shape)}")
+            actions = camera.to(self.camera.c2w.device, torch.long)
+            camera = CameraTrack(actions_to_poses(actions, self.camera.c2w[:, -1], move_step, turn_step_deg),
+                                 self.camera.intrinsics, actions if self.camera.actions is not None else None)
         if camera is not None:
             if camera.num_frames != k * tf:
                 raise ValueError(f"RolloutSession.step: the chunk's camera has {camera.num_frames} video frames, "
