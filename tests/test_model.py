@@ -227,6 +227,26 @@ def test_causal_window_blocks_information_from_later_frames():
     bidir = Window(**{**window.__dict__, "attention": "bidirectional"})
     bidir_later = Window(**{**bidir.__dict__, "chunk": later})
     assert (world(bidir_later)[:, :, :2] - world(bidir)[:, :, :2]).abs().max() > 1e-3
+    # the mode belongs to the model: a causal model's windows without a mode of their own are causal,
+    # and a window may still override it
+    unset = Window(**{**window.__dict__, "attention": None})
+    world.attention = "causal"
+    torch.testing.assert_close(world(unset), out, rtol=0, atol=0)
+    assert (world(bidir) - out).abs().max() > 1e-3
+    world.attention = "bidirectional"
+    torch.testing.assert_close(world(unset), world(bidir), rtol=0, atol=0)
+
+
+def test_the_recipe_gives_the_model_its_attention(tmp_path):
+    from conftest import tiny_recipe
+
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import RunContext
+
+    data = tiny_recipe(tmp_path / "run")
+    for mode in ("bidirectional", "causal"):
+        recipe = validate_recipe({**data, "model": {**data["model"], "attention": mode}})
+        assert RunContext(recipe=recipe, run_dir=tmp_path / "run").build_world_model().attention == mode
 
 
 def test_wan_vae_stream_decoder_equals_full_decode():

@@ -38,7 +38,7 @@ class RolledChunk:
 
 def self_rollout(world: WorldModel, text: Tensor, history: Tensor, camera: CameraTrack | None, chunks: int,
                  chunk_frames: int, sigmas: Tensor, generator: torch.Generator, exit_step: int | None = None,
-                 attention: str = "bidirectional", history_sigma: float = 0.0) -> list[RolledChunk]:
+                 attention: str | None = None, history_sigma: float = 0.0) -> list[RolledChunk]:
     """``chunks`` chunks, each conditioned on the true ``history`` followed by the student's own
     (detached) earlier chunks. ``camera`` (latent-aligned, video rate) covers all of them.
     ``history_sigma`` > 0 noises each chunk's history to that level, as the student samples at

@@ -41,7 +41,7 @@ def shuffled_camera(camera: CameraTrack, history_video_frames: int, config: ToyW
 
 
 def rollout_video(world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor, camera: CameraTrack,
-                  chunks: int, chunk_frames: int, sampler: Sampler, seed: int, attention: str,
+                  chunks: int, chunk_frames: int, sampler: Sampler, seed: int, attention: str | None = None,
                   on_chunk: Callable[[int], None] | None = None) -> Tensor:
     """Roll out from latent ``history`` with ``camera`` (video rate, T = 1 + tf*(F-1) frames covering
     history and continuation) and decode as it goes: the continuation's frames [B, T', 3, H, W] in
@@ -105,7 +105,7 @@ def still_camera_clips(count: int, frames: int, config: ToyWorldConfig, device: 
 
 def dynamics_scores(world: WorldModel, text: Tensor, null_text: Tensor, config: ToyWorldConfig, scenes: int,
                     samples: int, history_frames: int, chunks: int, chunk_frames: int, sampler: Sampler, seed: int,
-                    attention: str, device: torch.device, threshold: float = 0.1,
+                    attention: str | None, device: torch.device, threshold: float = 0.1,
                     on_chunk: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Still camera: how much of the image changes in generated vs true frames, and the spread of
     ``samples`` rollouts per scene.

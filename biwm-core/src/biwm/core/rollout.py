@@ -17,7 +17,7 @@ from biwm.core.window import WorldModel
 @torch.no_grad()
 def rollout(world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor | None, camera: CameraTrack | None,
             chunks: int, chunk_frames: int, steps: int, shift: float, cfg_scale: float = 1.0,
-            generator: torch.Generator | None = None, attention: AttentionMode = "bidirectional",
+            generator: torch.Generator | None = None, attention: AttentionMode | None = None,
             on_chunk: Callable[[int, Tensor], None] | None = None, student_sigmas: Tensor | None = None,
             sampler: Sampler | None = None) -> Tensor:
     """Generate ``chunks`` chunks of ``chunk_frames`` latent frames after ``history``.

@@ -122,7 +122,7 @@ class RunContext:
         controls = {ref.name: pm.get("control", ref.name).create(resolved[f"model.controls[{i}]"], backbone=backbone)
                     for i, ref in enumerate(model.controls)}
         compressor = pm.get("compressor", model.compressor.name).create(resolved["model.compressor"], backbone=backbone)
-        return WorldModel(backbone, controls, compressor)
+        return WorldModel(backbone, controls, compressor, model.attention)
 
     def cache_key(self) -> str:
         m = self.recipe.model.backbone

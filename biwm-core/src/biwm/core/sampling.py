@@ -176,7 +176,7 @@ class RolloutSession:
 
     def __init__(self, world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor, sampler: Sampler,
                  camera: CameraTrack | None = None, generator: torch.Generator | None = None,
-                 attention: AttentionMode = "bidirectional", chunk_frames: int = 4, *,
+                 attention: AttentionMode | None = None, chunk_frames: int = 4, *,
                  speed: SpeedOptions | None = None, decode: bool = False, frames_dtype: torch.dtype = torch.uint8,
                  timing: bool = False):
         tf = world.backbone.temporal_factor

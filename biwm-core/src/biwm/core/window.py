@@ -27,7 +27,7 @@ class Window:
     history: Tensor | None = None  # [B, C, H, h, w] clean latents, H may be 0
     camera: CameraTrack | None = None  # video rate, (H + K) * temporal_factor frames
     control_mask: Tensor | None = None  # [B] 1 keeps control, 0 drops it (classifier-free guidance)
-    attention: AttentionMode = "bidirectional"
+    attention: AttentionMode | None = None  # None: the model's own (WorldModel.attention)
     history_sigma: Tensor | None = None  # [B] noise level of the history (None: clean); see noise_history
 
     @property
@@ -70,10 +70,13 @@ def causal_mask(positions: Tensor, history_tokens: int) -> Tensor:
 
 
 class WorldModel(nn.Module):
-    """Backbone + control injectors + history compressor, composed per window."""
+    """Backbone + control injectors + history compressor, composed per window. ``attention`` is the
+    model's window attention (a recipe's ``model.attention``); a window may override it."""
 
-    def __init__(self, backbone: Backbone, controls: dict[str, nn.Module], compressor: nn.Module):
+    def __init__(self, backbone: Backbone, controls: dict[str, nn.Module], compressor: nn.Module,
+                 attention: AttentionMode = "bidirectional"):
         super().__init__()
+        self.attention: AttentionMode = attention
         self.backbone = backbone
         self.controls = nn.ModuleDict(controls)
         self.compressor = compressor
@@ -159,7 +162,7 @@ class WorldModel(nn.Module):
                 modulation = torch.cat([hist_mod, chunk_mod], dim=1)
 
         self.last_window_tokens = seq.shape[1]  # history + chunk tokens the blocks saw (a Python int: no sync)
-        mask = causal_mask(positions, n_hist) if window.attention == "causal" else None
+        mask = causal_mask(positions, n_hist) if (window.attention or self.attention) == "causal" else None
         out = bb.run_blocks(seq, timesteps, window.text, bb.rotary(positions), attention_mask=mask,
                             modulation=modulation)
         out = type(out)(hidden=out.hidden[:, n_hist:], temb=out.temb[:, n_hist:])

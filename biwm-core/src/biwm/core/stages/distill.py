@@ -88,7 +88,7 @@ class Distiller:
     loops over and ``benchmarks/train.py`` times)."""
 
     def __init__(self, cfg: DistillConfig, load: Callable[[bool], WorldModel],
-                 make_losses: Callable[[object], list], device: torch.device, attention: str = "bidirectional",
+                 make_losses: Callable[[object], list], device: torch.device, attention: str | None = None,
                  load_generator: Callable[[bool], WorldModel] | None = None):
         """``load(report)`` builds a world model with the stage-1 weights; ``make_losses(backbone)``
         the stage's losses, given the critic's backbone; ``load_generator`` the generator's start
@@ -219,7 +219,7 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
             return load_world_model(ctx, init=cfg.generator_init, strict=False, report=report)
 
     nets = Distiller(cfg, lambda report: load_world_model(ctx, init=cfg.init, strict=strict, report=report),
-                     make_losses, device, recipe.model.attention, load_generator)
+                     make_losses, device, load_generator=load_generator)
 
     dataset = ctx.dataset
     tf = nets.generator.backbone.temporal_factor

@@ -118,7 +118,7 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
     with progress_bar(ctx.console, "evaluate (chunks)", total_chunks) as update:
         def roll(model, how, cam=camera):
             return rollout_video(model, text, null_text, history, cam, cfg.chunks, cfg.chunk_frames, how, cfg.seed,
-                                 recipe.model.attention, on_chunk=lambda _i: update())
+                                 on_chunk=lambda _i: update())
 
         def follows(video, cam=camera):
             if idm is None:
@@ -150,7 +150,7 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
         if dynamics:
             metrics.update(dynamics_scores(world, text, null_text, toy, cfg.dynamics_scenes, cfg.diversity_samples,
                                            cfg.history_frames, cfg.dynamics_chunks, cfg.chunk_frames, sampler,
-                                           cfg.seed + 1, recipe.model.attention, device, cfg.motion_threshold,
+                                           cfg.seed + 1, None, device, cfg.motion_threshold,
                                            on_chunk=lambda _i: update()))
 
     following = (f"IDM accuracy {metrics['idm_accuracy']:.3f} (true clips {metrics['idm_accuracy_true_clips']:.3f}, "

@@ -105,7 +105,7 @@ def make_optimizer(world, cfg: FinetuneConfig, fused: bool = False) -> torch.opt
 
 
 def finetune_loss(world, cfg: FinetuneConfig, x0: torch.Tensor, history: torch.Tensor, camera, text: torch.Tensor,
-                  null_text: torch.Tensor, generator: torch.Generator, attention: str) -> torch.Tensor:
+                  null_text: torch.Tensor, generator: torch.Generator, attention: str | None = None) -> torch.Tensor:
     """Flow-matching loss of one batch of windows: the chunk noised to a random level, optional
     noise on the history, text and control dropped per sample (for classifier-free guidance).
 
@@ -226,8 +226,7 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
                 group["lr"] = cfg.lr_at(step) * group["lr_scale"]
             noise_generator.manual_seed(recipe.seed * 1_000_003 + step)
             x0, history, camera = sample_batch(data, cfg, generator, device)
-            loss = finetune_loss(forward, cfg, x0, history, camera, text, null_text, noise_generator,
-                                 recipe.model.attention)
+            loss = finetune_loss(forward, cfg, x0, history, camera, text, null_text, noise_generator)
             acc.backward(loss)
             grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
