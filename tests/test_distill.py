@@ -1,5 +1,7 @@
 """Stage 2: DMD on self-rollouts, backward simulation, the LoRA critic, cadence and resume."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -86,6 +88,7 @@ class KnownDenoiser(nn.Module):
     def __init__(self, target):
         super().__init__()
         self.target = target
+        self.backbone = SimpleNamespace(timestep=lambda sigma: 1000 * sigma)  # Wan's convention
 
     def forward(self, window):
         sigma = (window.timestep / 1000).view(-1, 1, 1, 1, 1)

@@ -265,3 +265,32 @@ def test_wan_vae_stream_decoder_equals_full_decode():
     pieces = [stream.decode(latents[:, :, :1]), stream.decode(latents[:, :, 1:3]), stream.decode(latents[:, :, 3:])]
     assert [p.shape[2] for p in pieces] == [1, 8, 8]
     torch.testing.assert_close(torch.cat(pieces, dim=2), full, rtol=1e-4, atol=1e-4)
+
+
+def test_the_backbone_owns_the_timestep_convention():
+    """Samplers, training and the history's noise level all ask the backbone for its timestep of a
+    noise level: a backbone with another convention gets its own numbers everywhere."""
+    from biwm.core.sampling import Sampler
+    from biwm.core.stages.finetune import FinetuneConfig, finetune_loss
+    from biwm.core.window import noise_history
+
+    world = tiny_world()
+    activate_controls(world, 0.05)
+    assert torch.equal(world.backbone.timestep(torch.tensor([0.25, 1.0])), torch.tensor([250.0, 1000.0]))  # Wan
+    world.backbone.timestep = lambda sigma: 7.0 * sigma  # another convention
+    seen, blocks = [], []
+    forward, run_blocks = world.forward, world.backbone.run_blocks
+    world.forward = lambda w: (seen.append(w.timestep.clone()), forward(w))[1]
+    world.backbone.run_blocks = lambda tokens, t, *a, **k: (blocks.append(t.clone()), run_blocks(tokens, t, *a, **k))[1]
+    window = random_window(world, chunk_frames=2, history_frames=2, t=0.0)
+    Sampler(3, 1.0, 1.0).sample_chunk(world, window, window.text[:1], torch.Generator().manual_seed(0))
+    assert torch.allclose(torch.stack(seen)[:, 0], 7.0 * torch.tensor([1.0, 2 / 3, 1 / 3]))  # shift 1: linear
+    seen.clear(), blocks.clear()
+    world(noise_history(window.with_chunk(window.chunk, torch.zeros(2)), torch.tensor([0.5, 0.5]),
+                        torch.zeros_like(window.history)))
+    assert torch.allclose(blocks[0][:, 0], torch.full((2,), 3.5))  # the history's level, in the same convention
+    seen.clear()
+    cfg = FinetuneConfig(no_history_prob=0.0, control_dropout=0.0, text_dropout=0.0)
+    x0, history = window.chunk, window.history
+    finetune_loss(world, cfg, x0, history, window.camera, window.text, window.text[:1], torch.Generator().manual_seed(1))
+    assert len(seen) == 1 and bool(((seen[0] >= 0) & (seen[0] <= 7.0)).all()) and float(seen[0].max()) > 1.0

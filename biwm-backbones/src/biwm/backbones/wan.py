@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from biwm.core.checkpoint import read_json_object
 from biwm.core.config import InputDir
 from biwm.core.protocols import BlockOutput
+from biwm.core.schedule import timestep as schedule_timestep
 
 from biwm.backbones.codecs import ByteTextEncoder, PixelCodec
 
@@ -413,6 +414,9 @@ class WanBackbone(nn.Module):
         """Channels-last convolutions in the VAE decoder (nothing to do for the pixel codec)."""
         if isinstance(self.codec, WanVAECodec):
             self.codec.channels_last_decoder()
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        return schedule_timestep(sigma)  # Wan's convention: 1000 sigma
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> Tensor:

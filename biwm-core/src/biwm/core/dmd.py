@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from biwm.core.camera import CameraTrack
 from biwm.core.sampling import few_step_chunk, guided_velocity, randn, student_sigmas  # noqa: F401 (re-exported)
-from biwm.core.schedule import TIMESTEP_SCALE, add_noise, predict_x0, timestep, training_sigmas, velocity_target
+from biwm.core.schedule import TIMESTEP_SCALE, add_noise, predict_x0, training_sigmas, velocity_target
 from biwm.core.window import Window, WorldModel, noise_history
 
 
@@ -90,7 +90,7 @@ def dmd_loss(chunk: RolledChunk, teacher: WorldModel, critic: WorldModel, null_t
     b = x.shape[0]
     noise = torch.randn(x.shape, generator=generator).to(x.device)
     x_t = add_noise(x.detach(), noise, sigma)
-    noisy = chunk.window.with_chunk(x_t, timestep(sigma))
+    noisy = chunk.window.with_chunk(x_t, teacher.backbone.timestep(sigma))
     with torch.no_grad():
         with teacher_context():
             x0_real = predict_x0(x_t, guided_velocity(teacher, noisy, null_text, cfg_scale).to(x.dtype), sigma)
@@ -145,5 +145,5 @@ def critic_loss(chunk: RolledChunk, critic: WorldModel, shift: float, generator:
     b = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     sigma = training_sigmas(b, shift, generator).to(x0.device)
-    v = critic(chunk.window.with_chunk(add_noise(x0, noise, sigma), timestep(sigma)))
+    v = critic(chunk.window.with_chunk(add_noise(x0, noise, sigma), critic.backbone.timestep(sigma)))
     return F.mse_loss(v.float(), velocity_target(x0, noise).float())

@@ -110,6 +110,11 @@ class Backbone(Protocol):
 
     def encode_text(self, prompts: list[str]) -> Tensor: ...
 
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """The network's timestep for noise level ``sigma`` in [0, 1], in the convention its timestep
+        embedding was trained on (Wan: 1000 sigma, :func:`biwm.core.schedule.timestep`). Every window
+        BiWM builds gets its timesteps from here."""
+
 
 @runtime_checkable
 class AttentionKernelChoice(Protocol):

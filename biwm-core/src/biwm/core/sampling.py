@@ -22,7 +22,7 @@ from torch import Tensor
 
 from biwm.core.camera import CameraTrack, actions_to_poses
 from biwm.core.protocols import AttentionMode
-from biwm.core.schedule import add_noise, euler_step, predict_x0, sampling_sigmas, shift_sigma, timestep
+from biwm.core.schedule import add_noise, euler_step, predict_x0, sampling_sigmas, shift_sigma
 from biwm.core.speed import Clock, FrameStream, Mark, SpeedOptions, apply_speedups, elapsed
 from biwm.core.window import Window, WorldModel, noise_history
 
@@ -70,7 +70,7 @@ def few_step_chunk(world: WorldModel, window: Window, sigmas: Tensor, noise: Cal
     batch = x.shape[0]
     for i in range(last + 1):
         with torch.set_grad_enabled(want_grad and i == last):
-            v = world(window.with_chunk(x, timestep(sigmas[i].expand(batch))))
+            v = world(window.with_chunk(x, world.backbone.timestep(sigmas[i].expand(batch))))
             x0 = predict_x0(x, v.to(x.dtype), sigmas[i])
         if i < last:
             x = add_noise(x0.detach(), noise(), sigmas[i + 1].expand(batch))
@@ -135,7 +135,7 @@ class Sampler:
 
             return few_step_chunk(world, window, sigmas, draw)
         for i in range(self.steps):
-            window = window.with_chunk(x, timestep(sigmas[i].expand(batch)))
+            window = window.with_chunk(x, world.backbone.timestep(sigmas[i].expand(batch)))
             v = guided_velocity(world, window, null_text, self.cfg_scale)
             x = euler_step(x, v.to(x.dtype), sigmas[i], sigmas[i + 1])
         return x

@@ -16,14 +16,14 @@ from torch import Tensor, nn
 
 from biwm.core.camera import CameraTrack
 from biwm.core.protocols import AttentionMode, Backbone, HistoryTokens, grid_positions
-from biwm.core.schedule import add_noise, timestep
+from biwm.core.schedule import add_noise
 
 
 @dataclass
 class Window:
     text: Tensor  # [B, Lt, Dt]
     chunk: Tensor  # [B, C, K, h, w] noisy latents
-    timestep: Tensor  # [B] in [0, 1000]: biwm.core.schedule.timestep(sigma)
+    timestep: Tensor  # [B] the backbone's timestep of the chunk's noise level: backbone.timestep(sigma)
     history: Tensor | None = None  # [B, C, H, h, w] clean latents, H may be 0
     camera: CameraTrack | None = None  # video rate, (H + K) * temporal_factor frames
     control_mask: Tensor | None = None  # [B] 1 keeps control, 0 drops it (classifier-free guidance)
@@ -153,7 +153,7 @@ class WorldModel(nn.Module):
             seq = torch.cat([history.tokens.to(chunk_seq.dtype), chunk_seq], dim=1)
             positions = torch.cat([history.positions, chunk_pos], dim=0)
             t_hist = t_chunk.new_zeros(batch, n_hist) if window.history_sigma is None else \
-                timestep(window.history_sigma.to(t_chunk))[:, None].expand(batch, n_hist)
+                bb.timestep(window.history_sigma.to(t_chunk))[:, None].expand(batch, n_hist)
             timesteps = torch.cat([t_hist, t_chunk], dim=1)
             modulation = None
             if chunk_mod is not None:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from biwm.core.protocols import BlockAccess
-from biwm.core.schedule import add_noise, timestep
+from biwm.core.schedule import add_noise
 from biwm.core.window import Window
 
 
@@ -45,6 +45,7 @@ class GAN(nn.Module):
             raise ValueError(f"the gan loss reads the critic's hidden states after chosen transformer blocks, through "
                              f"the backbone's block_modules(); the {type(backbone).__name__} backbone has none")
         depth = len(backbone.block_modules())
+        self.timestep = backbone.timestep  # the critic's timestep convention, for the windows it judges
         chosen = options.blocks if options.blocks is not None else default_blocks(depth)
         bad = [b for b in chosen if not -depth <= b < depth]
         if bad:
@@ -78,10 +79,9 @@ class GAN(nn.Module):
             feats.append(self.attend[i](query, states, states, need_weights=False)[0])
         return self.head(torch.cat(feats, dim=1).flatten(1)).squeeze(-1)
 
-    @staticmethod
-    def noised(latents: Tensor, window: Window, sigma: Tensor, generator: torch.Generator) -> Window:
+    def noised(self, latents: Tensor, window: Window, sigma: Tensor, generator: torch.Generator) -> Window:
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        return window.with_chunk(add_noise(latents, noise, sigma), timestep(sigma))
+        return window.with_chunk(add_noise(latents, noise, sigma), self.timestep(sigma))
 
     def generator_loss(self, step) -> Tensor | None:
         if self.options.generator_weight == 0:

@@ -111,7 +111,7 @@ def finetune_loss(world, cfg: FinetuneConfig, x0: torch.Tensor, history: torch.T
 
     Every random draw comes from ``generator`` on its own device (a CUDA generator keeps the step
     free of host-to-device copies)."""
-    from biwm.core.schedule import add_noise, timestep, training_sigmas, velocity_target
+    from biwm.core.schedule import add_noise, training_sigmas, velocity_target
     from biwm.core.window import Window, noise_history
 
     device = x0.device
@@ -133,7 +133,7 @@ def finetune_loss(world, cfg: FinetuneConfig, x0: torch.Tensor, history: torch.T
     drop_text = rand(b) < cfg.text_dropout
     batch_text = torch.where(drop_text.view(-1, 1, 1), null_text.expand_as(text), text)
     control_mask = (rand(b) >= cfg.control_dropout).float()
-    window = Window(text=batch_text, chunk=add_noise(x0, noise, sigma), timestep=timestep(sigma), history=history,
+    window = Window(text=batch_text, chunk=add_noise(x0, noise, sigma), timestep=world.backbone.timestep(sigma), history=history,
                     camera=camera, control_mask=control_mask, attention=attention)
     if history_sigma is not None:
         window = noise_history(window, history_sigma, torch.randn(history.shape, generator=generator,
