@@ -15,6 +15,13 @@ Variants (each adds to the one before):
 - ``compile``: ``resident`` (fp32) with the transformer blocks compiled (``compile: true`` in the
   stage: regional ``torch.compile``, the token count symbolic so every history length shares a graph).
 - ``compile-bf16``: ``compile`` with bf16 autocast.
+- ``world-bf16``: bf16 autocast with the world model's whole forward compiled (``compile: world``
+  in the stage): embeddings, controls, blocks and un-embedding fused by inductor, one static graph
+  per history length (0..8), all compiled before timing (their time is the warm-up column).
+- ``world-bf16-graphs``: ``world-bf16`` with CUDA graphs (``mode="reduce-overhead"``): the forward
+  and backward of each history length replay as one graph, no per-kernel launch cost.
+- ``world-bf16-cg``: the whole forward captured in CUDA graphs without inductor (the ``cudagraphs``
+  backend: eager kernels, no per-kernel launch cost, seconds to capture instead of minutes to compile).
 
 The same seeded window shapes (history length 0-8, chunk of 4) are used by every variant. Reported:
 median seconds per step over ``--steps`` timed steps (in blocks of 25) after ``--warmup`` steps, and
@@ -32,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, markdown_table, median, parse_list, synchronize, write_json  # noqa: E402
 
-VARIANTS = ["before", "resident", "bf16", "compile", "compile-bf16"]
+VARIANTS = ["before", "resident", "bf16", "compile", "compile-bf16", "world-bf16", "world-bf16-graphs", "world-bf16-cg"]
 BLOCK = 25
 
 
@@ -53,13 +60,23 @@ def build(preset: str, device: torch.device, clips: int, frames: int):
     return world, data
 
 
+def forced_batch(data, cfg, h_len: int, device: torch.device):
+    """A batch of the first clips with history length ``h_len`` (compiling each window shape)."""
+    k, tf = cfg.chunk_frames, data.camera.num_frames // data.latents.shape[2]
+    idx = torch.arange(cfg.batch_size, device=data.latents.device) % data.latents.shape[0]
+    window = data.latents[idx, :, cfg.max_history - h_len:cfg.max_history + k].to(device)
+    camera = data.camera.select(idx).frames(slice((cfg.max_history - h_len) * tf, (cfg.max_history + k) * tf))
+    return window[:, :, h_len:], window[:, :, :h_len], camera.to(device)
+
+
 def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
     from biwm.core.stages.common import text_embeddings
     from biwm.core.stages.finetune import FinetuneConfig, finetune_loss, make_optimizer, sample_batch
 
     torch.manual_seed(0)
     world, data = build(preset, device, args.clips, args.frames)
-    cfg = FinetuneConfig(batch_size=args.batch, max_history=8, precision="bf16" if "bf16" in variant else "fp32")
+    cfg = FinetuneConfig(batch_size=args.batch, max_history=args.max_history,
+                         precision="bf16" if "bf16" in variant else "fp32")
     text, null = text_embeddings(world, "", args.batch, device)
     if variant != "before":
         data = data.to(device)
@@ -68,7 +85,12 @@ def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
     if variant.startswith("compile"):
         from biwm.core.speed import compile_blocks
 
-        compile_blocks(world, dynamic=True)  # as the finetune stage does with compile: true
+        compile_blocks(world, dynamic=True)  # as the finetune stage does with compile: blocks
+    elif variant.startswith("world"):
+        from biwm.core.speed import compile_world
+
+        compile_world(world, **({"mode": "reduce-overhead"} if variant.endswith("graphs") else
+                                 {"backend": "cudagraphs"} if variant.endswith("cg") else {}))
     shapes = torch.Generator().manual_seed(1)
     noise = torch.Generator() if variant == "before" else torch.Generator(device)
     world.train()
@@ -87,6 +109,13 @@ def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
     total = args.warmup + args.steps
     start = began = time.perf_counter()
     warmup_seconds = 0.0
+    if variant.startswith("world"):  # compile every history length's graph before the timed steps
+        for h_len in range(cfg.max_history + 1):
+            for _ in range(3):  # CUDA graphs record on a shape's second or third call
+                x0, history, camera = forced_batch(data, cfg, h_len, device)
+                loss = finetune_loss(world, cfg, x0, history, camera, text, null, noise, "bidirectional")
+                loss.backward()
+                optimizer.zero_grad(set_to_none=True)
     for step in range(total):
         if step == args.warmup:
             synchronize(device)
@@ -144,6 +173,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--clips", type=int, default=256, help="training clips rendered for the benchmark")
     parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--max-history", type=int, default=8, help="most history latent frames of a window "
+                        "(the lab's 8; the world variants compile one graph per length 0..N)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile N more steps of each variant: OUT.PRESET.VARIANT.profile.txt "
@@ -168,12 +199,12 @@ def main() -> None:
                          f"{r['speedup_over_before']:.2f}x" if r["speedup_over_before"] else "-",
                          f"{r['warmup_seconds']:.0f}"])
             print(f"{preset} {variant}: {r['seconds_per_step'] * 1e3:.1f} ms/step", flush=True)
+            args.out.parent.mkdir(parents=True, exist_ok=True)  # after every variant: a cut-off run keeps its rows
+            write_json(args.out.with_suffix(".json"), {"batch": args.batch, "environment": environment(device),
+                                                       "results": results})
     table = markdown_table(["preset", "variant", "ms per step (median)", "steps/s", "vs before",
                             "warm-up s (incl. compile)"], rows)
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out.with_suffix(".json"), {"batch": args.batch, "environment": environment(device),
-                                               "results": results})
     args.out.with_suffix(".md").write_text(f"# Toy-lab training speed\n\n{table}\n")
 
 

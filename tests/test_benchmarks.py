@@ -85,13 +85,17 @@ def test_train_benchmark_rejects_unknown_parts():
 
 
 def test_train_lab_benchmark_on_cpu_times_every_variant(tmp_path):
+    """Every variant but the inductor-compiled whole forward (minutes per window shape on a CPU; the
+    compile_world tests in test_speed.py check it), with windows of history 0-1 so the graphed variant
+    captures two shapes."""
     out = tmp_path / "lab"
+    variants = ["before", "resident", "bf16", "compile", "compile-bf16", "world-bf16-cg"]
     proc = run("train_lab.py", "--presets", "tiny", "--steps", "2", "--warmup", "1", "--batch", "2", "--clips", "4",
-               "--profile", "1", "--out", str(out))
+               "--max-history", "1", "--variants", ",".join(variants), "--profile", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.with_suffix(".json").read_text())
     rows = {r["variant"]: r for r in data["results"]}
-    assert list(rows) == ["before", "resident", "bf16", "compile", "compile-bf16"] and data["batch"] == 2
+    assert list(rows) == variants and data["batch"] == 2
     for variant in rows:  # --profile: a torch.profiler table per variant
         table = (tmp_path / f"lab.tiny.{variant}.profile.txt").read_text()
         assert f"tiny {variant}, batch 2, 1 steps" in table and "aten::mm" in table

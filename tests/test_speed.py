@@ -343,6 +343,35 @@ def test_attention_option_reaches_the_transformers_processors_only():
     torch.testing.assert_close(world(window), ref, atol=1e-5, rtol=1e-4)
 
 
+def training_step_probe(device: str = "cpu"):
+    """A tiny world (no compressor) in training mode, and ``loss_and_grads(history)``: one finetune
+    loss on fixed latents and camera with ``history`` history frames, backpropagated; returns the loss,
+    the first block's q-projection gradient and the Plücker ray encoder's gradient (``tiny_world``
+    gives the zero-initialised projection weights, so that gradient is not zero)."""
+    from biwm.core.camera import CameraTrack, actions_to_poses, default_intrinsics
+    from biwm.core.stages.finetune import FinetuneConfig, finetune_loss
+
+    world = tiny_world(device, compressor="none").train().requires_grad_(True)
+    bb = world.backbone
+    cfg = FinetuneConfig(batch_size=2, text_dropout=0.0, control_dropout=0.0)
+    text, null = bb.encode_text(["a room", "a room"]).to(device), bb.encode_text([""]).to(device)
+    actions = torch.randint(0, 81, (2, 10))
+    camera_all = CameraTrack(actions_to_poses(actions), default_intrinsics(60.0).expand(2, 3, 3), actions).to(device)
+    latents = torch.randn(2, bb.latent_channels, 10, 8, 8, device=device)
+
+    def loss_and_grads(history: int):
+        world.zero_grad(set_to_none=True)
+        k = cfg.chunk_frames
+        loss = finetune_loss(world, cfg, latents[:, :, history:history + k], latents[:, :, :history],
+                             camera_all.frames(slice(0, history + k)), text, null,
+                             torch.Generator(device).manual_seed(history), "bidirectional")
+        loss.backward()
+        return (loss.detach().clone(), bb.block_modules()[0].attn1.to_q.weight.grad.clone(),
+                world.controls["plucker"].encode.weight.grad.clone())
+
+    return world, loss_and_grads
+
+
 def test_training_compiled_blocks_share_one_graph_across_history_lengths_and_match_eager():
     """compile: true in finetune compiles the blocks with a symbolic token count: windows of every
     history length after the first reuse one graph (no recompile per length), and the loss and
@@ -350,41 +379,97 @@ def test_training_compiled_blocks_share_one_graph_across_history_lengths_and_mat
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from biwm.core.camera import CameraTrack, actions_to_poses, default_intrinsics
     from biwm.core.speed import compile_blocks
-    from biwm.core.stages.finetune import FinetuneConfig, finetune_loss
 
-    world = tiny_world(compressor="none").train().requires_grad_(True)
-    bb = world.backbone
-    cfg = FinetuneConfig(batch_size=2, text_dropout=0.0, control_dropout=0.0)
-    text, null = bb.encode_text(["a room", "a room"]), bb.encode_text([""])
-    frames = 10
-    actions = torch.randint(0, 81, (2, frames))
-    camera_all = CameraTrack(actions_to_poses(actions), default_intrinsics(60.0).expand(2, 3, 3), actions)
-    latents = torch.randn(2, bb.latent_channels, frames, 8, 8)
-
-    def loss_and_grads(history: int):
-        world.zero_grad(set_to_none=True)
-        k = cfg.chunk_frames
-        loss = finetune_loss(world, cfg, latents[:, :, history:history + k], latents[:, :, :history],
-                             camera_all.frames(slice(0, history + k)), text, null,
-                             torch.Generator().manual_seed(history), "bidirectional")
-        loss.backward()
-        block = world.backbone.block_modules()[0]
-        return loss.detach(), block.attn1.to_q.weight.grad.clone()
-
+    world, loss_and_grads = training_step_probe()
     lengths = (0, 2, 3, 5)
     eager = [loss_and_grads(h) for h in lengths]
     torch._dynamo.reset()
     counters.clear()
     compile_blocks(world, dynamic=True, backend="eager")
     graphs = []
-    for h, (loss, grad) in zip(lengths, eager):
-        got_loss, got_grad = loss_and_grads(h)
-        torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got_grad, grad, rtol=1e-4, atol=1e-6)
-        assert got_grad.abs().sum() > 0
+    for h, expected in zip(lengths, eager):
+        got = loss_and_grads(h)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+        assert got[1].abs().sum() > 0
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1] >= 1, "the blocks were not compiled"
     assert graphs[-1] == graphs[1], f"graphs after each history length {graphs}: a recompile per history length"
+    torch._dynamo.reset()
+
+
+def test_training_compiled_world_has_one_graph_per_history_length_and_matches_eager():
+    """compile: world / graphs in finetune compile the whole forward with static shapes: one graph per
+    history length, reused when a length comes back, and the loss and gradients (of the blocks and of
+    the controls, which sit outside the blocks) are those of the eager model."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from biwm.core.speed import compile_world
+
+    world, loss_and_grads = training_step_probe()
+    lengths = (0, 2, 3, 2, 0)
+    eager = [loss_and_grads(h) for h in lengths]
+    torch._dynamo.reset()
+    counters.clear()
+    compile_world(world, backend="aot_eager")
+    graphs = []
+    for h, expected in zip(lengths, eager):
+        got = loss_and_grads(h)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+        assert got[1].abs().sum() > 0 and got[2].abs().sum() > 0
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 2, 3, 3, 3], f"graphs after each history length {graphs}: expected one per new length"
+    torch._dynamo.reset()
+    # compiled in place: the state dict's names (what checkpoints hold) are those of the plain model
+    assert not any("_orig_mod" in name for name in world.state_dict())
+
+
+@pytest.mark.parametrize("value, called", [(True, "compile_blocks"), ("blocks", "compile_blocks"),
+                                           ("world", "compile_world"), ("graphs", "compile_world")])
+def test_finetune_compile_option_picks_the_compiler(value, called, tmp_path, monkeypatch):
+    """The stage's compile option reaches the right compiler (graphs: the cudagraphs backend), and a
+    wrong value is refused when the recipe is validated, naming the field."""
+    from pydantic import ValidationError
+
+    import biwm.core.speed as speed
+    from biwm.core.stages.finetune import FinetuneConfig
+
+    calls = []
+    monkeypatch.setattr(speed, "compile_blocks", lambda world, **kw: calls.append(("compile_blocks", kw)))
+    monkeypatch.setattr(speed, "compile_world", lambda world, **kw: calls.append(("compile_world", kw)))
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import run_recipe
+
+    recipe = validate_recipe({
+        "name": "c", "run_dir": str(tmp_path / "run"), "data": {"train_clips": 4, "frames": 9},
+        "model": {"backbone": {"name": "wan", "options": {"preset": "tiny"}}, "controls": ["actions"],
+                  "compressor": {"name": "none", "options": {"max_frames": 4}}},
+        "stages": [{"stage": "finetune", "steps": 1, "batch_size": 2, "max_history": 4, "compile": value}]})
+    run_recipe(recipe)
+    assert [c[0] for c in calls] == [called]
+    if value == "graphs":
+        assert calls[0][1]["backend"] == "cudagraphs"
+    with pytest.raises(ValidationError, match="compile"):
+        FinetuneConfig(compile="fast")
+
+
+@requires_gpu
+def test_gpu_cuda_graphed_world_matches_eager_over_replays():
+    """compile: graphs on a GPU: the forward and backward of each history length, replayed from CUDA
+    graphs after recording, give the eager loss and gradients (fp32, so the comparison is tight)."""
+    import torch._dynamo
+
+    from biwm.core.speed import compile_world
+
+    world, loss_and_grads = training_step_probe("cuda")
+    lengths = (0, 3, 0, 3, 0, 3, 0, 3)
+    eager = [loss_and_grads(h) for h in lengths]
+    torch._dynamo.reset()
+    compile_world(world, backend="cudagraphs")
+    for h, expected in zip(lengths, eager):
+        for g, e in zip(loss_and_grads(h), expected):
+            torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5)
     torch._dynamo.reset()

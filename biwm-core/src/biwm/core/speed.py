@@ -111,6 +111,19 @@ def compile_blocks(world: WorldModel, dynamic: bool | None = False, mode: str | 
         module.compile(**kwargs)
 
 
+def compile_world(world: WorldModel, mode: str | None = None, recompile_limit: int = 64, **kwargs: Any) -> None:
+    """torch.compile the world model's whole forward in place (window -> velocity): the embeddings,
+    controls, history, blocks and un-embedding in one graph, so inductor fuses across them and the
+    step has no eager parts left to launch one by one. Shapes are static: one graph per window shape
+    (a training run sees one per history length, ``max_history + 1`` of them; ``recompile_limit``
+    is raised so they all fit). ``mode="reduce-overhead"`` adds CUDA graphs. Other keyword arguments
+    go to ``torch.compile`` (e.g. ``backend``)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
+    world.compile(dynamic=False, mode=mode, **kwargs)
+
+
 def _capable(world: WorldModel, capability: type, name: str) -> Any:
     """The backbone, if it has the optional ``capability`` (a protocol of :mod:`biwm.core.protocols`)."""
     if not isinstance(world.backbone, capability):

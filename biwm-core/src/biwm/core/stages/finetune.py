@@ -47,9 +47,11 @@ class FinetuneConfig(Strict):
                               "is then the EMA (null: the last weights)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast the forward and backward "
                                                "(fp32 master weights and optimizer)")
-    compile: bool = Field(False, description="torch.compile the transformer's blocks (one graph for every history "
-                                             "length); measured no faster for the toy lab's model on an H200, "
-                                             "whose step is GPU-bound (BENCHMARKS.md)")
+    compile: bool | Literal["blocks", "world", "graphs"] = Field(False, description=(
+        "blocks (or true): torch.compile the transformer's blocks, one graph for every history length (no faster "
+        "for the toy lab's model on an H200); world: inductor over the whole forward, one static graph per "
+        "history length (minutes of compiling); graphs: the whole forward and backward of each history length "
+        "captured in CUDA graphs without inductor (the toy lab's step 1.74x faster with bf16, BENCHMARKS.md)"))
     log_every: int = Field(50, ge=1, description="steps between loss read-outs (each waits for the device)")
     checkpoint_every: int = Field(50, ge=1)
     train: Literal["all", "controls"] = Field("all", description="train everything, or only the control injectors")
@@ -185,12 +187,18 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     world, optimizer = acc.prepare(world, optimizer)
     model = acc.unwrap_model(world)
     forward = world
-    if cfg.compile:
+    if cfg.compile in (True, "blocks"):
         from biwm.core.speed import compile_blocks
 
         # the transformer blocks with the token count symbolic: every history length (0..max_history)
         # runs one graph instead of compiling one per length
         compile_blocks(model, dynamic=True)
+    elif cfg.compile:
+        from biwm.core.speed import compile_world
+
+        # one graph per window shape: max_history + 1 of them, each compiled (or captured) on first use
+        compile_world(model, recompile_limit=2 * (cfg.max_history + 2),
+                      **({"backend": "cudagraphs"} if cfg.compile == "graphs" else {}))
     ema = ModelEMA(model.trainable_modules(), cfg.ema) if cfg.ema else None
     saved = {**model.trainable_modules(), **({"ema": ema} if ema is not None else {})}
     generator = torch.Generator().manual_seed(recipe.seed + 1)  # window shapes and clips, on the host
