@@ -16,12 +16,14 @@ Variants (each adds to the one before):
   stage: regional ``torch.compile``, the token count symbolic so every history length shares a graph).
 - ``compile-bf16``: ``compile`` with bf16 autocast.
 - ``world-bf16``: bf16 autocast with the world model's whole forward compiled (``compile: world``
-  in the stage): embeddings, controls, blocks and un-embedding fused by inductor, one static graph
-  per history length (0..8), all compiled before timing (their time is the warm-up column).
+  in the stage): embeddings, controls, blocks and un-embedding fused by inductor, the history length
+  symbolic (three graphs: no history, one frame, longer), all compiled before timing (their time is
+  the warm-up column).
 - ``world-bf16-graphs``: ``world-bf16`` with CUDA graphs (``mode="reduce-overhead"``): the forward
   and backward of each history length replay as one graph, no per-kernel launch cost.
-- ``world-bf16-cg``: the whole forward captured in CUDA graphs without inductor (the ``cudagraphs``
-  backend: eager kernels, no per-kernel launch cost, seconds to capture instead of minutes to compile).
+- ``world-bf16-cg``: the whole forward captured in CUDA graphs without inductor (``compile: graphs``:
+  the ``cudagraphs`` backend, static shapes, one graph per history length; eager kernels, no per-kernel
+  launch cost).
 
 The same seeded window shapes (history length 0-8, chunk of 4) are used by every variant. Reported:
 median seconds per step over ``--steps`` timed steps (in blocks of 25) after ``--warmup`` steps, and
@@ -66,13 +68,18 @@ def forced_batch(data, cfg, h_len: int, device: torch.device):
     idx = torch.arange(cfg.batch_size, device=data.latents.device) % data.latents.shape[0]
     window = data.latents[idx, :, cfg.max_history - h_len:cfg.max_history + k].to(device)
     camera = data.camera.select(idx).frames(slice((cfg.max_history - h_len) * tf, (cfg.max_history + k) * tf))
-    return window[:, :, h_len:], window[:, :, :h_len], camera.to(device)
+    return window[:, :, h_len:].contiguous(), window[:, :, :h_len].contiguous(), camera.to(device)  # as sample_batch
 
 
 def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
     from biwm.core.stages.common import text_embeddings
     from biwm.core.stages.finetune import FinetuneConfig, finetune_loss, make_optimizer, sample_batch
 
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # each variant compiles from scratch, and counts its own graphs
+    counters.clear()
     torch.manual_seed(0)
     world, data = build(preset, device, args.clips, args.frames)
     cfg = FinetuneConfig(batch_size=args.batch, max_history=args.max_history,
@@ -89,8 +96,8 @@ def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
     elif variant.startswith("world"):
         from biwm.core.speed import compile_world
 
-        compile_world(world, **({"mode": "reduce-overhead"} if variant.endswith("graphs") else
-                                 {"backend": "cudagraphs"} if variant.endswith("cg") else {}))
+        compile_world(world, **({"mode": "reduce-overhead"} if variant.endswith("graphs") else  # as compile: world
+                                 {"backend": "cudagraphs", "dynamic": False} if variant.endswith("cg") else {}))
     shapes = torch.Generator().manual_seed(1)
     noise = torch.Generator() if variant == "before" else torch.Generator(device)
     world.train()
@@ -155,7 +162,11 @@ def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"{preset} {variant}, batch {args.batch}, {args.profile} steps: {profiled}\n{table}\n")
         print(f"{preset} {variant}: {profiled or 'CPU'}; table in {path}", flush=True)
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"] if variant.startswith(("compile", "world")) else None
     return {"variant": variant, "preset": preset, "seconds_per_step": median(block_times), **profiled,
+            "compiled_graphs": graphs,
             "steps_per_second": 1 / median(block_times), "timed_steps": args.steps,
             "warmup_seconds": round(warmup_seconds, 1),
             "parameters_m": round(sum(p.numel() for p in params) / 1e6, 2)}

@@ -100,6 +100,8 @@ def test_train_lab_benchmark_on_cpu_times_every_variant(tmp_path):
         table = (tmp_path / f"lab.tiny.{variant}.profile.txt").read_text()
         assert f"tiny {variant}, batch 2, 1 steps" in table and "aten::mm" in table
     assert rows["before"]["speedup_over_before"] == 1.0
+    # graphs per variant: none eager; the graphed forward records one per history length (0 and 1)
+    assert rows["resident"]["compiled_graphs"] is None and rows["world-bf16-cg"]["compiled_graphs"] == 2
     for r in rows.values():
         assert r["seconds_per_step"] > 0 and r["steps_per_second"] == 1 / r["seconds_per_step"]
         assert r["parameters_m"] == rows["before"]["parameters_m"] > 0

@@ -143,3 +143,23 @@ def test_a_step_may_take_keys_integrated_from_the_last_pose():
     assert torch.equal(sessions[0].camera.actions[:, 2:], keys)
     with pytest.raises(ValueError, match=r"action labels must be integers \[B, K\*tf\] = \[2, 2\]"):
         sessions[0].step(torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_a_session_opened_from_a_prompt_string_equals_one_given_its_embeddings():
+    """RolloutSession.from_prompt encodes the prompt for every clip and the empty prompt for guidance:
+    it samples exactly what a session given those embeddings samples, and defaults to Sampler()."""
+    world, _, _, history, camera = rollout_inputs()
+    bb = world.backbone
+    text, null = bb.encode_text(["a red room"]).expand(2, -1, -1), bb.encode_text([""])
+    assert not torch.equal(text[:1], null)  # the prompt is not the empty prompt
+    sampler = SAMPLERS["teacher with CFG"]
+    by_prompt = RolloutSession.from_prompt(world, history, "a red room", sampler, camera.frames(slice(0, 2)),
+                                           generator=torch.Generator().manual_seed(0), chunk_frames=2)
+    by_tensors = RolloutSession(world, text, null, history, sampler, camera.frames(slice(0, 2)),
+                                torch.Generator().manual_seed(0), chunk_frames=2)
+    assert by_prompt.text.shape[0] == 2
+    chunk = camera.frames(slice(2, 4))
+    assert torch.equal(by_prompt.step(chunk), by_tensors.step(chunk))
+    assert RolloutSession.from_prompt(world, history, camera=camera.frames(slice(0, 2))).sampler == Sampler()
+    with pytest.raises(TypeError, match="prompt must be a str, got list"):
+        RolloutSession.from_prompt(world, history, ["a room"])

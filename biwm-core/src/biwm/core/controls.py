@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
@@ -43,8 +44,12 @@ class PluckerControl(nn.Module):
         rays = plucker_rays(camera.c2w, camera.intrinsics, h * ph, w * pw)  # [B, F*tf, 6, H, W]
         b = rays.shape[0]
         rays = rays.reshape(b, frames, -1, h * ph, w * pw).transpose(1, 2)  # [B, 6*tf, F, H, W]
-        x = rays.to(self.encode.weight.dtype)
-        return self.project(self.act(self.encode(x)))
+        x = self.act(self.encode(rays.to(self.encode.weight.dtype)))
+        # the 1x1x1 projection as a matmul over channels (the same numbers as the Conv3d whose weights it
+        # uses): inductor's convolution backward fixes the input's size, so a compiled training step
+        # would recompile for every history length (torch 2.11)
+        weight = self.project.weight.flatten(1)
+        return torch.nn.functional.linear(x.movedim(1, -1), weight, self.project.bias).movedim(-1, 1)
 
 
 class ActionOptions(BaseModel):

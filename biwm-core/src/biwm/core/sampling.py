@@ -202,6 +202,26 @@ class RolloutSession:
             overlap = speed is not None and speed.overlap_decode
             self.stream = FrameStream(decoder, device, overlap, frames_dtype)
 
+    @classmethod
+    def from_prompt(cls, world: WorldModel, history: Tensor, prompt: str = "", sampler: Sampler | None = None,
+                    camera: CameraTrack | None = None, **kwargs) -> "RolloutSession":
+        """A session from a prompt string: the backbone's text encoder embeds ``prompt`` for every clip
+        of ``history`` and the empty prompt for classifier-free guidance. ``sampler``: the model's own
+        (the second value of :func:`biwm.core.load`; None: :class:`Sampler` defaults). Other keyword
+        arguments are the constructor's (``generator``, ``speed``, ``decode``, ...)::
+
+            world, sampler = biwm.core.load("examples/weights/toyworld-teacher")
+            session = RolloutSession.from_prompt(world, history, "a room", sampler, camera)
+            latents = session.step(torch.tensor([[KEY] * 4]))  # one chunk, driven by action labels
+        """
+        if not isinstance(prompt, str):
+            raise TypeError(f"RolloutSession.from_prompt: prompt must be a str, got {type(prompt).__name__}")
+        with torch.no_grad():
+            text = world.backbone.encode_text([prompt]).to(history.device)
+            null = world.backbone.encode_text([""]).to(history.device)
+        return cls(world, text.expand(history.shape[0], -1, -1), null, history, sampler or Sampler(), camera,
+                   **kwargs)
+
     @property
     def frames(self) -> int:
         """Latent frames so far (history and generated)."""

@@ -111,17 +111,26 @@ def compile_blocks(world: WorldModel, dynamic: bool | None = False, mode: str | 
         module.compile(**kwargs)
 
 
-def compile_world(world: WorldModel, mode: str | None = None, recompile_limit: int = 64, **kwargs: Any) -> None:
+def compile_world(world: WorldModel, dynamic: bool = True, mode: str | None = None, recompile_limit: int = 64,
+                  **kwargs: Any) -> None:
     """torch.compile the world model's whole forward in place (window -> velocity): the embeddings,
     controls, history, blocks and un-embedding in one graph, so inductor fuses across them and the
-    step has no eager parts left to launch one by one. Shapes are static: one graph per window shape
-    (a training run sees one per history length, ``max_history + 1`` of them; ``recompile_limit``
-    is raised so they all fit). ``mode="reduce-overhead"`` adds CUDA graphs. Other keyword arguments
-    go to ``torch.compile`` (e.g. ``backend``)."""
+    step has no eager parts left to launch one by one; the state dict keeps its names.
+
+    ``dynamic=True`` (training): the history length is symbolic, so a run compiles three graphs, for
+    no history, one frame (sizes 0 and 1 always specialise) and every longer history, provided the
+    inputs are contiguous (their strides would otherwise be guarded per length; ``sample_batch`` makes
+    them so). Duck sizing is turned off (globally), or a history length equal to another size (the batch,
+    say) would be tied to it. ``dynamic=False``: one static graph per window shape. ``mode="reduce-overhead"``
+    adds CUDA graphs. Other keyword arguments go to ``torch.compile`` (e.g. ``backend="cudagraphs"``:
+    CUDA graphs of eager kernels, captured in seconds rather than compiled in minutes)."""
     import torch._dynamo
+    import torch.fx.experimental._config as fx_config
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
-    world.compile(dynamic=False, mode=mode, **kwargs)
+    if dynamic:
+        fx_config.use_duck_shape = False
+    world.compile(dynamic=dynamic, mode=mode, **kwargs)
 
 
 def _capable(world: WorldModel, capability: type, name: str) -> Any:

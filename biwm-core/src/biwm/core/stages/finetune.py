@@ -49,9 +49,10 @@ class FinetuneConfig(Strict):
                                                "(fp32 master weights and optimizer)")
     compile: bool | Literal["blocks", "world", "graphs"] = Field(False, description=(
         "blocks (or true): torch.compile the transformer's blocks, one graph for every history length (no faster "
-        "for the toy lab's model on an H200); world: inductor over the whole forward, one static graph per "
-        "history length (minutes of compiling); graphs: the whole forward and backward of each history length "
-        "captured in CUDA graphs without inductor (the toy lab's step 1.74x faster with bf16, BENCHMARKS.md)"))
+        "for the toy lab's model on an H200); world: inductor over the whole forward, three graphs (no history, "
+        "one frame, longer; not yet measured on a GPU); graphs: the whole forward and backward of each history "
+        "length captured in CUDA graphs without inductor (the toy lab's step 1.74x faster with bf16, "
+        "BENCHMARKS.md)"))
     log_every: int = Field(50, ge=1, description="steps between loss read-outs (each waits for the device)")
     checkpoint_every: int = Field(50, ge=1)
     train: Literal["all", "controls"] = Field("all", description="train everything, or only the control injectors")
@@ -90,7 +91,9 @@ def sample_batch(data, cfg: FinetuneConfig, generator: torch.Generator, device: 
         h_len = int(torch.randint(1, min(start, cfg.max_history) + 1, (1,), generator=generator))
     idx = idx.to(data.latents.device, non_blocking=True)
     window = data.latents[idx, :, start - h_len:start + k].to(device)  # copy only the frames used
-    history, x0 = window[:, :, :h_len], window[:, :, h_len:]
+    # contiguous: a compiled forward (compile: world) then sees strides that follow from the sizes, and
+    # one graph serves every history length
+    history, x0 = window[:, :, :h_len].contiguous(), window[:, :, h_len:].contiguous()
     camera = data.camera.select(idx).frames(slice((start - h_len) * tf, (start + k) * tf)).to(device)
     return x0, history, camera
 
@@ -196,9 +199,10 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     elif cfg.compile:
         from biwm.core.speed import compile_world
 
-        # one graph per window shape: max_history + 1 of them, each compiled (or captured) on first use
+        # world: the history length symbolic, three graphs (no history, one frame, longer) compiled on first
+        # use; graphs: CUDA graphs record one per window shape anyway, and static tracing is the quicker
         compile_world(model, recompile_limit=2 * (cfg.max_history + 2),
-                      **({"backend": "cudagraphs"} if cfg.compile == "graphs" else {}))
+                      **({"backend": "cudagraphs", "dynamic": False} if cfg.compile == "graphs" else {}))
     ema = ModelEMA(model.trainable_modules(), cfg.ema) if cfg.ema else None
     saved = {**model.trainable_modules(), **({"ema": ema} if ema is not None else {})}
     generator = torch.Generator().manual_seed(recipe.seed + 1)  # window shapes and clips, on the host
