@@ -266,12 +266,12 @@ def test_resume_mid_distill_matches_an_uninterrupted_run(tmp_path, monkeypatch):
 def test_distill_recipe_errors(tmp_path):
     from biwm.core.recipe import RecipeError, validate_recipe
 
-    recipe = distill_recipe(tmp_path / "r", losses=["ganz"], t_min=990)
+    recipe = distill_recipe(tmp_path / "r", losses=["ganz"], sigma_min=0.99)
     with pytest.raises(RecipeError) as exc:
         validate_recipe(recipe)
     text = str(exc.value)
     assert "stages[1].losses[0].name: unknown loss 'ganz'; allowed: dmd, forward-kl, gan" in text
-    assert "t_min (990.0) must be below t_max (980.0)" in text
+    assert "sigma_min (0.99) must be below sigma_max (0.98)" in text
     assert "the distill stage needs 'dmd'" in text
     # forward-kl weights DMD by the GAN discriminator's density ratio: without gan it is an error
     with pytest.raises(RecipeError, match=r"stages\[1\]: losses\[1\]: 'forward-kl' needs 'gan' in the same stage"):
@@ -317,3 +317,20 @@ def test_init_from_a_model_with_other_controls(tmp_path):
                          "chunk_frames": 2, "student_steps": 2, "init": str(weights)}]
     metrics = run(second)
     assert metrics["stages"]["distill"]["critic_updates"] == 1
+
+
+def test_distill_noise_range_is_in_sigma_units_and_reads_the_old_timestep_names(tmp_path):
+    """sigma_min / sigma_max are flow-matching noise levels; a recipe saved with the old t_min / t_max
+    (out of 1000, Wan's timestep) still validates, as the same range; giving both names is an error."""
+    from biwm.core.recipe import RecipeError, validate_recipe
+    from biwm.core.stages.distill import DistillConfig
+
+    cfg = DistillConfig(t_min=100, t_max=900)
+    assert (cfg.sigma_min, cfg.sigma_max) == (0.1, 0.9)
+    assert "t_min" not in cfg.model_dump() and DistillConfig().sigma_min == 0.02
+    old = validate_recipe(distill_recipe(tmp_path / "r", t_min=20.0, t_max=980.0))
+    assert (old.stages[1].sigma_min, old.stages[1].sigma_max) == (0.02, 0.98)
+    with pytest.raises(RecipeError, match="t_min and sigma_min name the same setting"):
+        validate_recipe(distill_recipe(tmp_path / "r", t_min=20.0, sigma_min=0.02))
+    with pytest.raises(RecipeError, match="sigma_max"):
+        validate_recipe(distill_recipe(tmp_path / "r", sigma_max=2.0))

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from biwm.core.camera import CameraTrack
 from biwm.core.sampling import few_step_chunk, guided_velocity, randn, student_sigmas  # noqa: F401 (re-exported)
-from biwm.core.schedule import TIMESTEP_SCALE, add_noise, predict_x0, training_sigmas, velocity_target
+from biwm.core.schedule import add_noise, predict_x0, training_sigmas, velocity_target
 from biwm.core.window import Window, WorldModel, noise_history
 
 
@@ -65,9 +65,9 @@ def self_rollout(world: WorldModel, text: Tensor, history: Tensor, camera: Camer
     return out
 
 
-def sample_timestep(batch: int, shift: float, t_min: float, t_max: float, generator: torch.Generator) -> Tensor:
-    """DMD's noise level per sample: shifted uniform, clamped to [t_min, t_max] (out of 1000)."""
-    return training_sigmas(batch, shift, generator).clamp(t_min / TIMESTEP_SCALE, t_max / TIMESTEP_SCALE)
+def sample_timestep(batch: int, shift: float, sigma_min: float, sigma_max: float, generator: torch.Generator) -> Tensor:
+    """DMD's noise level (sigma) per sample: shifted uniform, clamped to [sigma_min, sigma_max]."""
+    return training_sigmas(batch, shift, generator).clamp(sigma_min, sigma_max)
 
 
 def dmd_direction(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:

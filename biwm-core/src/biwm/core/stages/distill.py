@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from biwm.core.config import InputFile, PluginRef, Strict
@@ -48,8 +48,9 @@ class DistillConfig(Strict):
     grad_clip: float = Field(10.0, gt=0)
     teacher_cfg: float = Field(3.0, ge=0, description="teacher's classifier-free guidance (text and control)")
     timestep_shift: float = Field(5.0, gt=0, description="shift of the noise levels of the DMD and critic losses")
-    t_min: float = Field(20.0, ge=0, le=1000)
-    t_max: float = Field(980.0, ge=0, le=1000)
+    sigma_min: float = Field(0.02, ge=0, le=1, description="lowest noise level of the DMD and critic losses "
+                             "(flow-matching sigma, whatever the backbone's timestep convention)")
+    sigma_max: float = Field(0.98, ge=0, le=1, description="highest noise level of the DMD and critic losses")
     ema: float | None = Field(0.99, gt=0, lt=1, description="EMA decay of the generator (null: no EMA)")
     critic: Literal["full", "lora"] = Field("full", description="a full copy, or LoRA on the teacher's frozen base")
     lora_rank: int = Field(16, ge=1)
@@ -62,13 +63,30 @@ class DistillConfig(Strict):
         None, description="start the generator from this model.safetensors (e.g. a distilled student, to go on "
                           "distilling it) instead of the teacher; the teacher and critic still start from init")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _timestep_names(cls, data: Any) -> Any:
+        """Recipes written before the noise range moved to sigma units said ``t_min``/``t_max`` out of 1000
+        (Wan's timestep): read them as ``sigma_min``/``sigma_max``, so saved runs still resume."""
+        if isinstance(data, dict) and ("t_min" in data or "t_max" in data):
+            data = dict(data)
+            for old, new in (("t_min", "sigma_min"), ("t_max", "sigma_max")):
+                if old in data:
+                    if new in data:
+                        raise ValueError(f"{old} and {new} name the same setting; give only {new} (a noise level "
+                                         f"in [0, 1]; {old} was out of 1000)")
+                    value = data.pop(old)
+                    data[new] = value / 1000 if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        else value
+        return data
+
     def check(self, recipe) -> list[str]:
         from biwm.core.plugins import UnknownPluginError, get_plugin_manager
 
         errors = [f"betas[{i}]: {b} is not in [0, 1), which Adam's moment decay needs"
                   for i, b in enumerate(self.betas) if not 0 <= b < 1]
-        if self.t_min >= self.t_max:
-            errors.append(f"t_min ({self.t_min}) must be below t_max ({self.t_max})")
+        if self.sigma_min >= self.sigma_max:
+            errors.append(f"sigma_min ({self.sigma_min:g}) must be below sigma_max ({self.sigma_max:g})")
         names = [ref.name for ref in self.losses]
         if "dmd" not in names:
             errors.append("losses: the distill stage needs 'dmd' (the other losses refine it)")
@@ -168,7 +186,7 @@ class Distiller:
             for c, chunk in enumerate(rolled):
                 if detach:
                     chunk = RolledChunk(chunk.latents.detach(), chunk.window)
-                sigma = sample_timestep(batch, cfg.timestep_shift, cfg.t_min, cfg.t_max, rng).to(device)
+                sigma = sample_timestep(batch, cfg.timestep_shift, cfg.sigma_min, cfg.sigma_max, rng).to(device)
                 out.append(DistillStep(chunk, self.teacher, self.critic, null_text, cfg.teacher_cfg, sigma,
                                        cfg.timestep_shift, rng, self.teacher_context, real=real_chunk(c)))
             return out
