@@ -162,8 +162,6 @@ def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"{preset} {variant}, batch {args.batch}, {args.profile} steps: {profiled}\n{table}\n")
         print(f"{preset} {variant}: {profiled or 'CPU'}; table in {path}", flush=True)
-    from torch._dynamo.utils import counters
-
     graphs = counters["stats"]["unique_graphs"] if variant.startswith(("compile", "world")) else None
     return {"variant": variant, "preset": preset, "seconds_per_step": median(block_times), **profiled,
             "compiled_graphs": graphs,
@@ -185,7 +183,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=256, help="training clips rendered for the benchmark")
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--max-history", type=int, default=8, help="most history latent frames of a window "
-                        "(the lab's 8; the world variants compile one graph per length 0..N)")
+                        "(the lab's 8; world-bf16-cg records one CUDA graph per length 0..N)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile N more steps of each variant: OUT.PRESET.VARIANT.profile.txt "
