@@ -2,7 +2,11 @@
 card kept or, for a file saved without one (an EMA taken from a checkpoint), written from a recipe,
 and a student's teacher path set relative to where it will live.
 
-    python scripts/ship_model.py SRC.safetensors DST_DIR [--recipe RECIPE.yaml] [--teacher PATH] [--sampler S:C:H[:N]]
+    python scripts/ship_model.py SRC.safetensors DST_DIR [--recipe RECIPE.yaml] [--teacher PATH] [--sampler S:C:H[:N]] [--int8]
+
+--int8 stores the weight matrices as int8 with one scale per row (a quarter of float32, half of
+bfloat16; biwm reads them back to float on load), for models that do not fit the repository's budget
+in bfloat16.
 
 Writes DST_DIR/model.safetensors (through a temporary name) with a fresh checksum.
 """
@@ -25,6 +29,7 @@ def main() -> None:
     ap.add_argument("--sampler", help="a teacher's sampler for its card, STEPS:CFG:SHIFT[:HISTORY_SIGMA] (e.g. "
                                       "20:1.5:3, or 20:1.5:3:0.1 for history noised to 0.1), replacing the one "
                                       "its recipe gave")
+    ap.add_argument("--int8", action="store_true", help="weight matrices as int8 with per-row scales (see above)")
     args = ap.parse_args()
     sampler = None
     if args.sampler is not None:
@@ -43,11 +48,13 @@ def main() -> None:
             raise SystemExit(f"--sampler: steps must be >= 1, shift > 0, CFG >= 0 and history sigma in [0, 1), "
                              f"got {args.sampler!r}")
 
-    from biwm.core.checkpoint import DIGEST_KEY, atomic_save_tensors, load_tensors, read_metadata
+    from biwm.core.checkpoint import (DIGEST_KEY, STORAGE_KEY, atomic_save_tensors, dequantize_int8, load_tensors,
+                                      quantize_int8, read_metadata)
     from biwm.core.stages.common import CARD_KEY
 
     meta = {k: v for k, v in read_metadata(args.src, "model file").items() if k != DIGEST_KEY}
-    tensors = load_tensors(args.src, "model file")
+    tensors = dequantize_int8(load_tensors(args.src, "model file"), str(args.src))
+    meta.pop(STORAGE_KEY, None)
     if CARD_KEY not in meta:
         if args.recipe is None:
             raise SystemExit(f"{args.src}: no model card in it; pass --recipe with the recipe that trained it")
@@ -69,9 +76,12 @@ def main() -> None:
         meta["teacher"] = os.path.relpath(args.teacher.resolve(), args.dst.resolve())
     args.dst.mkdir(parents=True, exist_ok=True)
     out = args.dst / "model.safetensors"
-    atomic_save_tensors({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()},
-                        out, meta)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, bfloat16)")
+    tensors = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}
+    if args.int8:
+        tensors = quantize_int8(tensors)
+        meta[STORAGE_KEY] = "int8 weight matrices, float32 scale per row; the rest bfloat16"
+    atomic_save_tensors(tensors, out, meta)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {'int8 + bfloat16' if args.int8 else 'bfloat16'})")
 
 
 if __name__ == "__main__":

@@ -181,6 +181,49 @@ def load_tensors(path: Path, what: str = "safetensors file") -> dict[str, torch.
     return tensors
 
 
+INT8_SCALE = ".__int8_scale__"  # the per-row scale of an int8-stored weight, saved under its name + this
+STORAGE_KEY = "biwm_storage"
+
+
+def quantize_int8(tensors: dict[str, torch.Tensor], min_row: int = 16) -> dict[str, torch.Tensor]:
+    """Weight-only int8 storage for shipping a model file at half its bfloat16 size: every floating
+    tensor with at least two rows of ``min_row`` values or more becomes int8 with one float32 scale
+    per row (its largest magnitude / 127; rounding error at most half a step), the rest (biases,
+    norms, modulation tables) stays as it is. :func:`dequantize_int8` reverses it."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.endswith(INT8_SCALE):
+            raise ValueError(f"{key}: tensor names ending in {INT8_SCALE!r} are reserved for int8 storage")
+        if value.is_floating_point() and value.dim() >= 2 and value.shape[0] > 1 and value[0].numel() >= min_row:
+            rows = value.detach().float().reshape(value.shape[0], -1)
+            scale = rows.abs().amax(1).clamp_min(1e-12) / 127
+            out[key] = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8).reshape(value.shape)
+            out[key + INT8_SCALE] = scale
+        else:
+            out[key] = value
+    return out
+
+
+def dequantize_int8(tensors: dict[str, torch.Tensor], source: str = "model file") -> dict[str, torch.Tensor]:
+    """Float32 weights back from :func:`quantize_int8` storage (a file without int8 tensors passes
+    through unchanged)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.endswith(INT8_SCALE):
+            if key[: -len(INT8_SCALE)] not in tensors:
+                raise CorruptFileError(f"{source}: {key} is the scale of a tensor the file does not hold")
+            continue
+        scale = tensors.get(key + INT8_SCALE)
+        if scale is None:
+            out[key] = value
+        elif value.dtype != torch.int8 or scale.shape != (value.shape[0],):
+            raise CorruptFileError(f"{source}: {key} has an int8 scale but is {value.dtype} {tuple(value.shape)} "
+                                   f"with a scale of shape {tuple(scale.shape)}")
+        else:
+            out[key] = (value.float().reshape(value.shape[0], -1) * scale.float()[:, None]).reshape(value.shape)
+    return out
+
+
 def module_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
 
