@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # The toy lab on one GPU, end to end (issue 13): the stage-1 teacher (examples/toy_lab.yaml, then
-# examples/toy_lab_continue.yaml), a 4-step
-# DMD student from it (examples/toy_lab_student.yaml), the teacher evaluated on 32 held-out
+# examples/toy_lab_continue.yaml, then grown from 6 to 12 blocks and trained on with still-camera clips:
+# examples/toy_lab_grow.yaml), a 4-step DMD student from it (examples/toy_lab_student.yaml), the teacher evaluated on 32 held-out
 # trajectories x 20 chunks with the sampler the student is compared against (50 Euler steps, CFG 1.5:
 # 100 NFE per chunk), a probe of the teacher, and docs/results/toy_lab.json from the two evaluations.
-# The IDM for the lab's rendering ships with biwm-core.
 #
 #   bash scripts/toy_lab.sh [RUNS_DIR]        # default runs/toy-lab-all
 #
@@ -24,7 +23,12 @@ if [ -z "${TEACHER:-}" ]; then
     biwm run examples/toy_lab_continue.yaml --force --set run_dir="$runs/teacher2" \
         --set stages[0].init="$runs/teacher/finetune/model.safetensors" \
         ${TEACHER_STEPS:+--set stages[0].steps=$TEACHER_STEPS}
-    TEACHER="$runs/teacher2/finetune/model.safetensors"
+    # the measured run grew the bf16 copy of phase 2 that was shipped before (git a722c36)
+    python scripts/ship_model.py "$runs/teacher2/finetune/model.safetensors" "$runs/teacher2-bf16" --sampler 20:1.5:3
+    python scripts/grow_model.py "$runs/teacher2-bf16/model.safetensors" "$runs/grown/model.safetensors" --layers 12
+    biwm run examples/toy_lab_grow.yaml --force --set run_dir="$runs/teacher3" \
+        --set stages[0].init="$runs/grown/model.safetensors" ${TEACHER_STEPS:+--set stages[0].steps=$TEACHER_STEPS}
+    TEACHER="$runs/teacher3/finetune/model.safetensors"
 fi
 teacher=$(cd "$(dirname "$TEACHER")" && pwd)/$(basename "$TEACHER")
 cfg=${TEACHER_CFG:-1.5}

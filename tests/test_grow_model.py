@@ -38,9 +38,9 @@ def _forward(world, seed: int = 0) -> torch.Tensor:
 
 def test_grown_model_computes_what_its_source_computes(tmp_path):
     import biwm.core as biwm
-    from biwm.core.checkpoint import load_tensors
+    from biwm.core.checkpoint import dequantize_int8, load_tensors
 
-    source = load_tensors(TEACHER)
+    source = dequantize_int8(load_tensors(TEACHER))  # the shipped teacher is stored int8
     n = len({k.split(".")[2] for k in source if k.startswith("transformer.blocks.")})
     out = tmp_path / "grown.safetensors"
     subprocess.run([sys.executable, str(SCRIPT), str(TEACHER), str(out), "--layers", str(n + 3)], check=True,

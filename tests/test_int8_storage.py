@@ -53,17 +53,28 @@ def test_reserved_names_and_broken_scales_are_refused():
 def test_an_int8_shipped_model_loads_alone_and_computes_like_its_source(tmp_path):
     import biwm.core as biwm
     from biwm.core.checkpoint import STORAGE_KEY, read_metadata
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import run_recipe
+    from conftest import tiny_recipe
 
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "ship_model.py"), str(TEACHER), str(tmp_path), "--int8"],
-                       capture_output=True, text=True)
+    data = tiny_recipe(tmp_path / "run")
+    data["stages"] = data["stages"][:1]
+    run_recipe(validate_recipe(data))
+    src = tmp_path / "run" / "finetune" / "model.safetensors"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "ship_model.py"), str(src), str(tmp_path / "ship"),
+                        "--int8"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "int8 + bfloat16" in r.stdout
-    out = tmp_path / "model.safetensors"
-    assert out.stat().st_size < 0.6 * TEACHER.stat().st_size  # about half of bfloat16
+    out = tmp_path / "ship" / "model.safetensors"
+    assert out.stat().st_size < 0.35 * src.stat().st_size  # about a quarter of float32
     assert "int8" in read_metadata(out)[STORAGE_KEY]
-    source, sampler = biwm.load(TEACHER)
+    source, sampler = biwm.load(src)
     stored, sampler8 = biwm.load(out)
     assert sampler8.nfe_per_chunk == sampler.nfe_per_chunk
-    a, b = _forward(source.float()), _forward(stored.float())
+    a, b = _forward(source), _forward(stored)
     rel = float((b - a).norm() / a.norm())
     assert 0 < rel < 0.02, rel  # rounded (not equal), and close
+    # and the shipped teacher, stored this way, loads alone
+    teacher, _ = biwm.load(TEACHER)
+    assert "int8" in read_metadata(TEACHER)[STORAGE_KEY]
+    assert all(p.dtype == torch.float32 for p in teacher.parameters())
