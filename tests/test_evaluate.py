@@ -115,6 +115,25 @@ def test_evaluate_stage_biwm_eval_and_compare(tmp_path):
     assert "| `idm_accuracy` |" in (tmp_path / "cmp.md").read_text()
 
 
+def test_a_report_without_camera_scores_has_no_camera_section(tmp_path):
+    """A dataset without scores of its own (no IDM): report.md leaves the camera-following section and
+    its plot out, and keeps quality over time; with them, both are there."""
+    from biwm.core.report import write_report
+
+    quality = {"trajectories": 2, "chunks": 2, "psnr": 20.0, "psnr_per_chunk": [21.0, 19.0], "ssim": 0.5,
+               "ssim_per_chunk": [0.6, 0.4], "psnr_chunk1": 21.0, "psnr_chunk2": 19.0}
+    write_report(tmp_path / "plain", quality, "eval")
+    report = (tmp_path / "plain" / "report.md").read_text()
+    assert "## Quality over time" in report and "| PSNR, first chunk (dB) (`psnr_chunk1`) | 21.00 |" in report
+    assert "Camera following" not in report and "toy-world" not in report
+    assert not (tmp_path / "plain" / "idm_per_action.png").exists() and (tmp_path / "plain" / "drift.png").is_file()
+    write_report(tmp_path / "toy", {**quality, "idm_accuracy": 0.75}, "eval")
+    report = (tmp_path / "toy" / "report.md").read_text()
+    assert "## Camera following" in report and "| IDM accuracy of the rollout (all 81 labels) (`idm_accuracy`) | 0.750 |" \
+        in report
+    assert (tmp_path / "toy" / "idm_per_action.png").stat().st_size > 0
+
+
 def test_biwm_eval_bad_targets(tmp_path):
     env = subprocess_env(COLUMNS="200")
     proc = subprocess.run(biwm_cmd() + ["eval", str(tmp_path / "nope")], capture_output=True, text=True, env=env)
