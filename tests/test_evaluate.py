@@ -21,8 +21,8 @@ class OracleIDM:
 
 
 def test_camera_scores_with_a_perfect_and_a_wrong_judge():
-    from biwm.core.evaluation import camera_scores
-    from biwm.core.toyworld import ToyWorldConfig, render_clips
+    from biwm.toyworld.scores import camera_scores
+    from biwm.toyworld.world import ToyWorldConfig, render_clips
 
     cfg = ToyWorldConfig(height=16, width=16)
     clips = render_clips([3, 4], 10, cfg)
@@ -39,9 +39,9 @@ def test_camera_scores_with_a_perfect_and_a_wrong_judge():
 
 
 def test_still_camera_clips_move_only_their_boxes():
-    from biwm.core.evaluation import still_camera_clips
+    from biwm.toyworld.scores import still_camera_clips
     from biwm.core.metrics import motion
-    from biwm.core.toyworld import ToyWorldConfig
+    from biwm.toyworld.world import ToyWorldConfig
 
     cfg = ToyWorldConfig(height=32, width=32, max_speed=0.3)
     clips = still_camera_clips(3, 5, cfg)
@@ -145,7 +145,7 @@ def test_biwm_eval_bad_targets(tmp_path):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "metrics.json not found" in proc.stderr
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "metrics.json").write_text(json.dumps({"idm_accuracy": 0.5}))
+    (tmp_path / "m" / "metrics.json").write_text(json.dumps({"psnr": 20.0}))
     (tmp_path / "setup.yaml").write_text("hardware: a: b\n")
     proc = subprocess.run(biwm_cmd() + ["compare", "a=" + str(tmp_path / "m"), "--out", str(tmp_path / "c"),
                                         "--setup", str(tmp_path / "setup.yaml")], capture_output=True, text=True, env=env)
@@ -154,10 +154,10 @@ def test_biwm_eval_bad_targets(tmp_path):
 
 
 def test_evaluate_rejects_an_idm_for_another_rendering(tmp_path):
-    from biwm.core.idm import IDMTrainConfig, save_idm, train_idm
+    from biwm.toyworld.idm import IDMTrainConfig, save_idm, train_idm
     from biwm.core.recipe import validate_recipe
     from biwm.core.runner import run_recipe
-    from biwm.core.toyworld import ToyWorldConfig
+    from biwm.toyworld.world import ToyWorldConfig
 
     other = ToyWorldConfig(height=32, width=32, fov_deg=90)
     model, _ = train_idm(other, IDMTrainConfig(steps=1, batch_size=2, channels=8, pool_clips=1, clip_frames=2,
