@@ -39,7 +39,7 @@ class EvaluationRun:
     camera: CameraTrack  # their commanded cameras, video rate, T = 1 + tf*(F-1): history then continuation
     history_video_frames: int  # true history, in video frames
     frames_per_chunk: int  # video frames per generated chunk
-    roll: Callable[..., Tensor]  # roll(model, sampler, camera=camera) -> continuation [B, T', 3, H, W] in [-1, 1]
+    roll: Callable[..., Tensor]  # roll(model, sampler[, camera]) -> continuation [B, T', 3, H, W] in [-1, 1]
     progress: Callable[[], None]  # call once per chunk a scorer rolls out itself (the progress bar)
 
     @property
