@@ -11,9 +11,10 @@ import argparse, json, time
 from pathlib import Path
 import torch
 from biwm.core.data import video_frames_for
-from biwm.core.evaluation import Sampler, camera_scores, dynamics_scores, quality_scores, rollout_video
+from biwm.core.evaluation import Sampler, quality_scores, rollout_video
 from biwm.core.metrics import sharpness
-from biwm.core.idm import find_idm, load_idm
+from biwm.toyworld.idm import find_idm, load_idm
+from biwm.toyworld.scores import camera_scores, dynamics_scores
 from biwm.core.recipe import dataset_for, validate_recipe
 from biwm.core.runner import RunContext, evaluation_recipe_data, find_run
 from rich.console import Console

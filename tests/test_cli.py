@@ -6,7 +6,7 @@ from conftest import biwm_cmd, subprocess_env
 
 
 def test_data_toyworld_writes_a_loadable_dataset(tmp_path):
-    from biwm.core.toyworld import load_dataset
+    from biwm.toyworld.world import load_dataset
 
     out = tmp_path / "toy"
     proc = subprocess.run(biwm_cmd() + ["data", "toyworld", "--out", str(out), "--clips", "3", "--frames", "5",

@@ -1,7 +1,8 @@
 """Data as a plugin kind: a distribution outside the repo registers a dataset (a ClipSource)
 through its entry point, and a recipe's stages train and roll out on it with no change to core;
-``data.source`` picks it, its options model validates ``data:``; the toy world is the built-in
-dataset and gives exactly the clips it gave before."""
+``data.source`` picks it, its options model validates ``data:``; the toy world is biwm-toyworld's
+dataset (the default) and gives exactly the clips it gave before; without biwm-toyworld a recipe
+that needs it says to install it."""
 
 from __future__ import annotations
 
@@ -113,8 +114,8 @@ def test_a_distribution_adds_a_dataset_that_the_stages_run_on(site, tmp_path):
     assert math.isfinite(metrics["evaluate"]["psnr"]) and "idm_accuracy" not in metrics["evaluate"]
     assert "dynamics" not in metrics["evaluate"]
     said = " ".join(console.file.getvalue().split())
-    assert "dataset synth is not the toy world: no shuffled-actions baseline or keys rollout" in said
-    assert "dataset synth is not the toy world: quality and drift only" in said
+    assert "dataset synth has no action steps: no shuffled-actions baseline or keys rollout" in said
+    assert "dataset synth adds no scores of its own: quality and drift only" in said
 
     snapshot = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
     assert snapshot["data"] == {"train_clips": 3, "frames": 8, "prompt": "static", "height": 32, "width": 32,
@@ -149,8 +150,58 @@ def test_a_disabled_toy_world_is_named_in_the_error(monkeypatch, tmp_path):
                       "by BIWM_DISABLE_PLUGINS"], errors
 
 
+@pytest.fixture
+def no_toyworld(monkeypatch):
+    """The plugin manager as it is where biwm-toyworld is not installed: its entry point is not there."""
+    import types
+    from importlib import metadata
+
+    import biwm.core.plugins as plugins
+
+    def entry_points(**select):
+        return [ep for ep in metadata.entry_points(**select) if not (ep.dist and ep.dist.name == "biwm-toyworld")]
+
+    monkeypatch.setattr(plugins, "metadata", types.SimpleNamespace(
+        entry_points=entry_points, version=metadata.version, PackageNotFoundError=metadata.PackageNotFoundError))
+    plugins.reset_plugin_manager()
+    assert "toyworld" not in plugins.get_plugin_manager().registry("dataset")
+    plugins.reset_plugin_manager()  # loaded afresh by the test (after any other fixture's sys.path change)
+
+
+TOYWORLD_MISSING = ("data.source: unknown dataset 'toyworld'; allowed: {allowed}; dataset 'toyworld' (the data of a "
+                    "recipe whose data: names no source) comes with biwm-toyworld: pip install biwm-toyworld")
+
+
+def test_without_biwm_toyworld_a_recipe_of_the_toy_world_says_to_install_it(no_toyworld, tmp_path):
+    data = tiny_recipe(tmp_path / "run")
+    assert "source" not in data["data"]  # the toy world by default, as every recipe before datasets were plugins
+    assert recipe_errors(data) == [TOYWORLD_MISSING.format(allowed="(none installed)")]
+    del data["data"]
+    assert recipe_errors(data) == [TOYWORLD_MISSING.format(allowed="(none installed)")]
+    data["data"] = {"source": "toyworld", "frames": 8}
+    assert recipe_errors(data) == [TOYWORLD_MISSING.format(allowed="(none installed)")]
+
+    from typer.testing import CliRunner
+
+    from biwm.core.cli import app
+    from conftest import ROOT
+
+    result = CliRunner().invoke(app, ["validate", str(ROOT / "examples" / "quickstart.yaml")])
+    assert result.exit_code == 2
+    assert "data.source: unknown dataset 'toyworld'" in result.stderr
+    assert "pip install biwm-toyworld" in " ".join(result.stderr.split())
+
+
+def test_without_biwm_toyworld_other_datasets_still_validate(no_toyworld, site, tmp_path):
+    from biwm.core.recipe import validate_recipe
+
+    assert validate_recipe(synth_recipe(tmp_path / "run")).data.source == "synth"
+    data = tiny_recipe(tmp_path / "run")
+    assert recipe_errors(data) == [TOYWORLD_MISSING.format(allowed="synth")]
+
+
 def test_the_toy_world_dataset_gives_the_clips_toyworld_latents_gave(tmp_path):
-    from biwm.core.data import ToyWorldDataset, toyworld_latents
+    from biwm.toyworld.data import ToyWorldDataset, toyworld_latents
     from biwm.core.recipe import validate_recipe
     from biwm.core.runner import RunContext
 
@@ -187,7 +238,7 @@ def test_the_toy_world_dataset_gives_the_clips_toyworld_latents_gave(tmp_path):
 def test_still_fraction_holds_the_camera_in_training_clips_only(tmp_path):
     from biwm.core.recipe import validate_recipe
     from biwm.core.runner import RunContext
-    from biwm.core.toyworld import still_stretches
+    from biwm.toyworld.world import still_stretches
 
     data = tiny_recipe(tmp_path / "run")
     plain = RunContext(recipe=validate_recipe(data), run_dir=tmp_path / "run")
@@ -219,6 +270,6 @@ def test_list_plugins_shows_datasets(site, tmp_path):
                           env=subprocess_env(PYTHONPATH=str(site)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {(r["kind"], r["name"]): r for r in json.loads(proc.stdout)}
-    assert rows[("dataset", "toyworld")]["distribution"] == "biwm-core"
+    assert rows[("dataset", "toyworld")]["distribution"] == "biwm-toyworld"
     assert rows[("dataset", "synth")]["distribution"] == "biwm-synth"
     assert rows[("dataset", "synth")]["description"] == "random latents and cameras (a test dataset)"

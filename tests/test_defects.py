@@ -2,12 +2,13 @@
 now error or are printed, crashes are exit-2 messages naming the field or file."""
 
 import json
+import subprocess
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import ROOT, tiny_recipe
+from conftest import ROOT, biwm_cmd, subprocess_env, tiny_recipe
 from test_plugins import make_distribution
 
 QUICKSTART = str(ROOT / "examples" / "quickstart.yaml")
@@ -319,8 +320,10 @@ def test_yaml_and_set_errors_name_the_file(tmp_path):
 def test_toyworld_data_defaults_to_the_recipes_size(tmp_path):
     from safetensors import safe_open
 
-    result = cli("data", "toyworld", "--out", str(tmp_path / "d"), "--clips", "1", "--frames", "2")
-    assert result.exit_code == 0, lines_of(result)
+    # biwm data is biwm-toyworld's command group, added by the real entry point (main), not the bare app
+    result = subprocess.run(biwm_cmd() + ["data", "toyworld", "--out", str(tmp_path / "d"), "--clips", "1",
+                                          "--frames", "2"], capture_output=True, text=True, env=subprocess_env())
+    assert result.returncode == 0, result.stdout + result.stderr
     with safe_open(str(tmp_path / "d" / "clips.safetensors"), "pt") as f:
         frames = f.get_tensor(next(k for k in f.keys() if "frame" in k))
     assert tuple(frames.shape[-2:]) == (32, 32)

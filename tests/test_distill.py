@@ -21,7 +21,7 @@ def tiny_world(seed=0):
 
 
 def window_for(world, batch=2, history=2, k=2):
-    from biwm.core.toyworld import ToyWorldConfig, render_clips
+    from biwm.toyworld.world import ToyWorldConfig, render_clips
     from biwm.core.window import Window
 
     clips = render_clips([1, 2][:batch], history + 2 * k, ToyWorldConfig(height=32, width=32))

@@ -21,8 +21,8 @@ class OracleIDM:
 
 
 def test_camera_scores_with_a_perfect_and_a_wrong_judge():
-    from biwm.core.evaluation import camera_scores
-    from biwm.core.toyworld import ToyWorldConfig, render_clips
+    from biwm.toyworld.scores import camera_scores
+    from biwm.toyworld.world import ToyWorldConfig, render_clips
 
     cfg = ToyWorldConfig(height=16, width=16)
     clips = render_clips([3, 4], 10, cfg)
@@ -39,9 +39,9 @@ def test_camera_scores_with_a_perfect_and_a_wrong_judge():
 
 
 def test_still_camera_clips_move_only_their_boxes():
-    from biwm.core.evaluation import still_camera_clips
+    from biwm.toyworld.scores import still_camera_clips
     from biwm.core.metrics import motion
-    from biwm.core.toyworld import ToyWorldConfig
+    from biwm.toyworld.world import ToyWorldConfig
 
     cfg = ToyWorldConfig(height=32, width=32, max_speed=0.3)
     clips = still_camera_clips(3, 5, cfg)
@@ -115,6 +115,25 @@ def test_evaluate_stage_biwm_eval_and_compare(tmp_path):
     assert "| `idm_accuracy` |" in (tmp_path / "cmp.md").read_text()
 
 
+def test_a_report_without_camera_scores_has_no_camera_section(tmp_path):
+    """A dataset without scores of its own (no IDM): report.md leaves the camera-following section and
+    its plot out, and keeps quality over time; with them, both are there."""
+    from biwm.core.report import write_report
+
+    quality = {"trajectories": 2, "chunks": 2, "psnr": 20.0, "psnr_per_chunk": [21.0, 19.0], "ssim": 0.5,
+               "ssim_per_chunk": [0.6, 0.4], "psnr_chunk1": 21.0, "psnr_chunk2": 19.0}
+    write_report(tmp_path / "plain", quality, "eval")
+    report = (tmp_path / "plain" / "report.md").read_text()
+    assert "## Quality over time" in report and "| PSNR, first chunk (dB) (`psnr_chunk1`) | 21.00 |" in report
+    assert "Camera following" not in report and "toy-world" not in report
+    assert not (tmp_path / "plain" / "idm_per_action.png").exists() and (tmp_path / "plain" / "drift.png").is_file()
+    write_report(tmp_path / "toy", {**quality, "idm_accuracy": 0.75}, "eval")
+    report = (tmp_path / "toy" / "report.md").read_text()
+    assert "## Camera following" in report and "| IDM accuracy of the rollout (all 81 labels) (`idm_accuracy`) | 0.750 |" \
+        in report
+    assert (tmp_path / "toy" / "idm_per_action.png").stat().st_size > 0
+
+
 def test_biwm_eval_bad_targets(tmp_path):
     env = subprocess_env(COLUMNS="200")
     proc = subprocess.run(biwm_cmd() + ["eval", str(tmp_path / "nope")], capture_output=True, text=True, env=env)
@@ -126,7 +145,7 @@ def test_biwm_eval_bad_targets(tmp_path):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "metrics.json not found" in proc.stderr
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "metrics.json").write_text(json.dumps({"idm_accuracy": 0.5}))
+    (tmp_path / "m" / "metrics.json").write_text(json.dumps({"psnr": 20.0}))
     (tmp_path / "setup.yaml").write_text("hardware: a: b\n")
     proc = subprocess.run(biwm_cmd() + ["compare", "a=" + str(tmp_path / "m"), "--out", str(tmp_path / "c"),
                                         "--setup", str(tmp_path / "setup.yaml")], capture_output=True, text=True, env=env)
@@ -135,10 +154,10 @@ def test_biwm_eval_bad_targets(tmp_path):
 
 
 def test_evaluate_rejects_an_idm_for_another_rendering(tmp_path):
-    from biwm.core.idm import IDMTrainConfig, save_idm, train_idm
+    from biwm.toyworld.idm import IDMTrainConfig, save_idm, train_idm
     from biwm.core.recipe import validate_recipe
     from biwm.core.runner import run_recipe
-    from biwm.core.toyworld import ToyWorldConfig
+    from biwm.toyworld.world import ToyWorldConfig
 
     other = ToyWorldConfig(height=32, width=32, fov_deg=90)
     model, _ = train_idm(other, IDMTrainConfig(steps=1, batch_size=2, channels=8, pool_clips=1, clip_frames=2,

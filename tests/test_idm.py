@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from biwm.core.camera import action_label
-from biwm.core.idm import (IDMTrainConfig, InverseDynamicsModel, action_accuracy, chance_accuracy, find_idm, idm_key,
+from biwm.toyworld.idm import (IDMTrainConfig, InverseDynamicsModel, action_accuracy, chance_accuracy, find_idm, idm_key,
                            load_idm, save_idm, train_idm)
-from biwm.core.toyworld import ToyWorldConfig, render_clips
+from biwm.toyworld.world import ToyWorldConfig, render_clips
 from conftest import requires_gpu
 
 
@@ -98,9 +98,9 @@ def test_idm_rejects_wrong_resolution(trained):
 
 @requires_gpu
 def test_shipped_idm_and_ssim_agree_on_cuda():
-    from biwm.core.idm import evaluate_idm
+    from biwm.toyworld.idm import evaluate_idm
     from biwm.core.metrics import ssim
-    from biwm.core.toyworld import split_seeds
+    from biwm.toyworld.world import split_seeds
 
     cfg = ToyWorldConfig(height=32, width=32)
     clips = render_clips(split_seeds("heldout", 8), 24, cfg)

@@ -1,11 +1,13 @@
 """Import structure at run time: every biwm.core module imports on its own (no cycle bites in any
-import order), stages are reached only through the plugin registry, and the CLI imports no stage
-runner it does not run. (tests/test_imports.py checks the static module-level graph.)"""
+import order), stages are reached only through the plugin registry, the CLI imports no stage
+runner it does not run, and core never imports the toy world (biwm-toyworld is a plugin core
+works without). (tests/test_imports.py checks the static module-level graph.)"""
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 
@@ -97,7 +99,8 @@ except SystemExit as exc:
 print(json.dumps({"code": code, "modules": sorted(m for m in sys.modules if m.startswith("biwm"))}), file=sys.stderr)
 """
 # Imported only by the stages' runners (and by the commands that run them).
-RUNNER_ONLY = {"biwm.core.runner", "biwm.core.evaluation", "biwm.core.idm", "biwm.core.ema"}
+RUNNER_ONLY = {"biwm.core.runner", "biwm.core.evaluation", "biwm.core.ema", "biwm.toyworld.idm",
+               "biwm.toyworld.scores"}
 
 
 def cli_modules(*args: str) -> set[str]:
@@ -120,3 +123,61 @@ def test_validating_and_listing_import_stage_configs_but_no_runner():
         loaded = cli_modules(*args)
         assert BUILTIN_STAGE_MODULES <= loaded, args  # the stages' config models
         assert not loaded & RUNNER_ONLY, (args, loaded & RUNNER_ONLY)
+
+
+# A string that names a toy-world module as code would use it: importlib.import_module("biwm.toyworld.x")
+# or a lazy "biwm.toyworld.x:attr" reference (prose in docstrings may mention the package).
+TOY_MODULE_STRING = re.compile(r"biwm\.toyworld(\.\w+)*(:[\w.]+)?")
+
+
+def toyworld_references(source: str) -> list[str]:
+    """Every way a module's source imports biwm.toyworld: import statements anywhere (also inside
+    functions and ``if TYPE_CHECKING:``), ``from biwm import toyworld``, and module-path strings."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name == "biwm.toyworld" or a.name.startswith("biwm.toyworld.")]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "biwm.toyworld" or node.module.startswith("biwm.toyworld."):
+                found.append(node.module)
+            elif node.module == "biwm" and any(a.name == "toyworld" for a in node.names):
+                found.append("from biwm import toyworld")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and TOY_MODULE_STRING.fullmatch(node.value):
+            found.append(repr(node.value))
+    return found
+
+
+def test_core_never_imports_the_toy_world():
+    """biwm-core must work without biwm-toyworld installed: the toy world, its IDM and its scores
+    reach core only through the plugin hooks (a dataset, its EvaluationScores, its commands)."""
+    offenders = {str(path.relative_to(CORE)): refs for path in sorted(CORE.rglob("*.py"))
+                 if (refs := toyworld_references(path.read_text()))}
+    assert not offenders, offenders
+    assert len(list(CORE.rglob("*.py"))) > 20  # the scan saw core's modules
+    assert not (CORE / "toyworld.py").exists() and not (CORE / "idm.py").exists() and not (CORE / "assets").exists()
+
+
+def test_the_toyworld_scan_catches_an_import():
+    assert toyworld_references("def f():\n    from biwm.toyworld.idm import load_idm\n") == ["biwm.toyworld.idm"]
+    assert toyworld_references("import biwm.toyworld.world as w\n") == ["biwm.toyworld.world"]
+    assert toyworld_references("from biwm import toyworld\n") == ["from biwm import toyworld"]
+    assert toyworld_references("x = importlib.import_module('biwm.toyworld.scores')\n") == ["'biwm.toyworld.scores'"]
+    assert toyworld_references('"""The toy world is biwm.toyworld\'s (:mod:`biwm.toyworld.data`)."""\n') == []
+
+
+ALL_CORE_MODULES = r"""
+import importlib, json, sys
+for name in sys.stdin.read().split():
+    importlib.import_module(name)
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("biwm."))))
+"""
+
+
+def test_importing_all_of_core_loads_nothing_of_the_toy_world():
+    modules = sorted(module_imports())
+    proc = subprocess.run([sys.executable, "-c", ALL_CORE_MODULES], input="\n".join(modules), capture_output=True,
+                          text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = json.loads(proc.stdout)
+    assert "biwm.core.stages.evaluate" in loaded and "biwm.core.evaluation" in loaded
+    assert not [m for m in loaded if not m.startswith("biwm.core")], loaded

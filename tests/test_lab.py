@@ -9,8 +9,8 @@ from torch import nn
 from biwm.core.camera import camera_rays, default_intrinsics, plucker_rays, pose_from_yaw_pitch
 from biwm.core.ema import ModelEMA
 from biwm.core.metrics import sharpness
-from biwm.core.idm import idm_key
-from biwm.core.toyworld import ToyWorldConfig, render_clips
+from biwm.toyworld.idm import idm_key
+from biwm.toyworld.world import ToyWorldConfig, render_clips
 
 
 def test_supersampling_is_the_box_filtered_finer_rendering():
@@ -84,7 +84,7 @@ def test_sharpness_is_one_for_the_truth_below_for_blur_above_for_noise():
 
 def test_camera_scores_per_chunk_and_last_five():
     from biwm.core.camera import CameraTrack
-    from biwm.core.evaluation import camera_scores
+    from biwm.toyworld.scores import camera_scores
 
     class Fixed:
         def __init__(self, labels):

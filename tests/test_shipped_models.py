@@ -15,8 +15,9 @@ WEIGHTS = ROOT / "examples" / "weights"
 
 def first_chunk_margin(path, clips: int = 8) -> tuple[float, float, object]:
     import biwm.core as biwm
-    from biwm.core.toyworld import ToyWorldConfig
-    from biwm.core.data import toyworld_latents, video_frames_for
+    from biwm.toyworld.world import ToyWorldConfig
+    from biwm.core.data import video_frames_for
+    from biwm.toyworld.data import toyworld_latents
     from biwm.core.evaluation import quality_scores, rollout_video
     from biwm.core.stages.common import read_card, text_embeddings
 

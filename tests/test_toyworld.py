@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from biwm.core.camera import actions_to_poses, parse_keys, poses_to_actions
-from biwm.core.toyworld import (
+from biwm.toyworld.world import (
     HELDOUT_SEED_START,
     ToyClips,
     ToyWorldConfig,
@@ -186,7 +186,7 @@ def test_load_dataset_errors(tmp_path):
 
 
 def test_still_stretches_hold_the_camera_for_a_share_of_clips():
-    from biwm.core.toyworld import ToyWorldConfig, random_actions, render_clips, still_stretches
+    from biwm.toyworld.world import ToyWorldConfig, random_actions, render_clips, still_stretches
 
     seeds = list(range(400))
     mask = still_stretches(seeds, 33, 0.25)

@@ -1,4 +1,4 @@
-"""BiWM core: protocols, plugins, recipes, CLI, toy world, window/rollout engine and stages."""
+"""BiWM core: protocols, plugins, recipes, CLI, window/rollout engine and stages (the toy world is biwm-toyworld)."""
 
 from biwm.core.hookspecs import hookimpl
 

@@ -1,4 +1,5 @@
-"""Core's built-in plugins, registered through the same hooks as external ones."""
+"""Core's built-in plugins, registered through the same hooks as external ones. Core has no
+dataset of its own: the toy world is biwm-toyworld's plugin."""
 
 from biwm.core.hookspecs import hookimpl
 
@@ -30,14 +31,6 @@ def register_losses(register):
 
 
 @hookimpl
-def register_datasets(register):
-    from biwm.core.data import ToyWorldData, ToyWorldDataset
-
-    register("toyworld", ToyWorldDataset, options=ToyWorldData,
-             description="the procedural toy world: rendered clips with true cameras and actions (the lab)")
-
-
-@hookimpl
 def register_stages(register):
     # Config models only: each runner is a "module:function" string, imported when its stage runs.
     from biwm.core.stages.distill import DistillConfig
@@ -53,6 +46,7 @@ def register_stages(register):
     register("generate", GenerateConfig, "biwm.core.stages.generate:run",
              description="roll the model out on held-out clips: videos, strips, chunk PSNR")
     register("evaluate", EvaluateConfig, "biwm.core.stages.evaluate:run",
-             description="score camera following (IDM), quality and drift; report.md and plots")
+             description="score quality and drift on held-out clips, and the dataset's own scores (the toy "
+                         "world's: camera following, dynamics); report.md and plots")
     register("export", ExportConfig, "biwm.core.stages.export:run",
              description="write the diffusers transformer folder, the BiWM parts and the model card")

@@ -1,6 +1,6 @@
-"""The ``biwm`` command: list-plugins, validate, run, eval, compare, data toyworld, idm train, and
-the commands plugins add (``register_commands``); ``biwm run`` runs built-in and plugin stages
-alike (``register_stages``).
+"""The ``biwm`` command: list-plugins, validate, run, eval, compare, and the commands plugins add
+(``register_commands``: biwm-toyworld's ``data toyworld`` and ``idm train``); ``biwm run`` runs
+built-in and plugin stages alike (``register_stages``).
 
 Everything past typer and rich is imported inside the command that needs it, and only the command
 registry is built for ``--help``: the CLI imports no stage, runner or loss it does not use."""
@@ -21,10 +21,6 @@ from rich.table import Table
 
 app = typer.Typer(help="BiWM: interactive video world models from bidirectional video diffusion backbones.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-data_app = typer.Typer(help="Data sets.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
-idm_app = typer.Typer(help="The inverse-dynamics model that scores camera following.", no_args_is_help=True)
-app.add_typer(idm_app, name="idm")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -176,7 +172,7 @@ def eval_(target: Path = typer.Argument(..., help="run folder, stage folder, che
           set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="override a field of the run's "
                                          "recipe, e.g. evaluate.chunks=20 or model.attention=causal (repeatable)"),
           out: Path = typer.Option(None, "--out", help="output folder (default: RUN_DIR/eval)")) -> None:
-    """Score a trained model on the toy world: metrics.json, report.md and PNG plots."""
+    """Score a trained model on its dataset's held-out clips: metrics.json, report.md and PNG plots."""
     from biwm.core.checkpoint import atomic_write_text
     from biwm.core.recipe import apply_overrides, validate_recipe
     from biwm.core.runner import RunContext, evaluation_recipe_data, run_stage
@@ -215,8 +211,8 @@ def compare(runs: list[str] = typer.Argument(..., help="NAME=FOLDER pairs; FOLDE
             _fail(f"{name}: {path} not found; expected the folder of a biwm eval (or evaluate stage)")
         metrics = json.loads(path.read_text())
         metrics = metrics.get("stages", {}).get("evaluate", metrics)  # a run's merged metrics.json works too
-        if "idm_accuracy" not in metrics:
-            _fail(f"{name}: {path} holds no evaluation metrics (no idm_accuracy)")
+        if "psnr" not in metrics:
+            _fail(f"{name}: {path} holds no evaluation metrics (no psnr)")
         loaded[name] = metrics
     for option, path in (("--notes", notes), ("--setup", setup)):
         if path is not None and not path.is_file():
@@ -233,66 +229,6 @@ def compare(runs: list[str] = typer.Argument(..., help="NAME=FOLDER pairs; FOLDE
             _fail(f"--setup: {setup} must hold a mapping")
     compare_runs(loaded, out, title, notes.read_text() if notes else "", setup=setup_data)
     console.print(f"[green]✓[/] wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}")
-
-
-@idm_app.command("train")
-def idm_train(height: int = typer.Option(32, min=8), width: int = typer.Option(32, min=8),
-              recipe: Path = typer.Option(None, help="take the toy-world rendering from this recipe instead"),
-              steps: int = typer.Option(6000, min=1), batch_size: int = typer.Option(512, min=1),
-              clip_frames: int = typer.Option(48, min=2, help="frames per training clip"),
-              pool_clips: int = typer.Option(48, min=1, help="clips per freshly rendered pool"),
-              refresh_every: int = typer.Option(8, min=1, help="render a fresh pool every N steps"),
-              channels: int = typer.Option(48, min=8, help="width of the first convolutions"),
-              out: Path = typer.Option(None, help="weights file (default: the user cache, where biwm eval finds it)"),
-              device: str = typer.Option(None, help="cuda or cpu (default: cuda when available)")) -> None:
-    """Train the inverse-dynamics model for a toy-world rendering and report its held-out accuracy.
-    The defaults made the shipped 32x32 model (5 minutes on an H100)."""
-    import torch
-
-    from biwm.core.idm import IDMTrainConfig, cache_dir, idm_key, save_idm, train_idm
-    from biwm.core.runner import progress_bar
-    from biwm.core.toyworld import ToyWorldConfig
-
-    if recipe:
-        data = _load(recipe, []).data
-        config = getattr(data, "toyworld", None)
-        if config is None:
-            _fail(f"{recipe}: data.source is {data.source!r}, not the toy world; the IDM is trained on toy-world "
-                  "renderings")
-    else:
-        config = ToyWorldConfig(height=height, width=width)
-    out = out or cache_dir() / f"idm-{idm_key(config)}.safetensors"
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    train = IDMTrainConfig(steps=steps, batch_size=batch_size, clip_frames=clip_frames, pool_clips=pool_clips,
-                           refresh_every=refresh_every, channels=channels)
-    with progress_bar(console, "IDM", steps) as update:
-        model, scores = train_idm(config, train, device, progress=lambda **kw: update(**kw))
-    info = {k: v for k, v in scores.items() if not isinstance(v, dict)}
-    save_idm(out, model, config, info)
-    console.print(f"held-out accuracy {scores['accuracy']:.4f} (translation {scores['translation_accuracy']:.4f}, "
-                  f"rotation {scores['rotation_accuracy']:.4f}; against another clip's actions "
-                  f"{scores.get('shuffled_accuracy', float('nan')):.4f}, chance {scores['chance']:.4f})")
-    console.print(f"[green]✓[/] wrote {out}")
-
-
-@data_app.command("toyworld")
-def data_toyworld(out: Path = typer.Option(..., "--out", help="output folder"),
-                  clips: int = typer.Option(256, min=1, help="number of clips"),
-                  frames: int = typer.Option(16, min=1, help="frames per clip"),
-                  split: str = typer.Option("train", help="train or heldout (disjoint seed ranges)"),
-                  seed_start: int = typer.Option(0, min=0, help="first seed index within the split"),
-                  height: int = typer.Option(None, min=8, help="default: the toy world's, as recipes and the "
-                                                               "shipped IDM use it"),
-                  width: int = typer.Option(None, min=8, help="default: the toy world's")) -> None:
-    """Render toy-world clips to OUT/clips.safetensors (+ config.json, preview.png)."""
-    from biwm.core.toyworld import ToyWorldConfig, write_dataset
-
-    if split not in ("train", "heldout"):
-        _fail(f"--split: {split!r} is not allowed; allowed: train, heldout")
-    config = ToyWorldConfig(**{k: v for k, v in (("height", height), ("width", width)) if v is not None})
-    with console.status(f"rendering {clips} clips x {frames} frames"):
-        path = write_dataset(out, split, clips, frames, config, seed_start=seed_start)
-    console.print(f"[green]✓[/] wrote {path}")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

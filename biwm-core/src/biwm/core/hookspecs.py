@@ -3,8 +3,8 @@
 A plugin module implements any of these with ``@biwm.core.hookimpl`` and calls ``register(name,
 factory, options=..., description=...)`` for each thing it provides (the pattern of simonw/llm);
 ``register_stages`` takes ``register(name, config, runner, description=...)``. Core's own
-controls, compressor ``none``, loss ``dmd``, dataset ``toyworld`` and five stages are registered through the same hooks,
-in :mod:`biwm.core.builtins`.
+controls, compressor ``none``, loss ``dmd`` and five stages are registered through the same hooks,
+in :mod:`biwm.core.builtins`; the ``toyworld`` dataset is biwm-toyworld's (its entry point).
 """
 
 import pluggy
@@ -42,9 +42,10 @@ def register_quantizers(register):
 def register_datasets(register):
     """Register datasets: ``register(name, factory, options=Model, description=...)``.
 
-    ``factory(options)`` returns a :class:`biwm.core.protocols.ClipSource`. ``Model`` is what a
-    recipe's ``data:`` holds when ``data.source`` is NAME (validated by it, errors naming the
-    field); give it a field ``source: Literal["NAME"] = "NAME"``, or it is added."""
+    ``factory(options)`` returns a :class:`biwm.core.protocols.ClipSource` (optionally also an
+    ``ActionSteps`` and an ``EvaluationScores``: its own scores in the evaluate stage). ``Model``
+    is what a recipe's ``data:`` holds when ``data.source`` is NAME (validated by it, errors naming
+    the field); give it a field ``source: Literal["NAME"] = "NAME"``, or it is added."""
 
 
 @hookspec

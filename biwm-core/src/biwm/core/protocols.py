@@ -19,7 +19,8 @@ plugin registers, and lists a plugin that breaks them as ``broken``):
 - **token_budget** takes the token grid of one frame, ``(h', w')`` after the patch embedding (not
   pixels, not latents).
 - **A dataset's factory** is called ``factory(options)`` and returns a :class:`ClipSource`; its
-  options model is what a recipe's ``data:`` holds (picked by ``data.source``).
+  options model is what a recipe's ``data:`` holds (picked by ``data.source``). Its optional
+  capabilities (:class:`ActionSteps`, :class:`EvaluationScores`) are found with ``isinstance``.
 """
 
 from __future__ import annotations
@@ -206,9 +207,12 @@ class ClipSource(Protocol):
     """A dataset, as the stages read it: clips of latents (encoded with the model's backbone) with
     their cameras and actions, for a split, plus the text prompt and the training-set size.
 
-    Optional: ``toyworld`` (a :class:`biwm.core.toyworld.ToyWorldConfig`) when the clips are the
-    toy world's; the toy-specific scores (the evaluate stage's IDM and still-camera dynamics, the
-    shuffled-actions baseline, key strings) need it and are skipped, with a note, without it."""
+    Optional capabilities, each a protocol of its own that the stages check with ``isinstance``:
+    :class:`ActionSteps` (its action labels integrate to poses: generate's shuffled-actions
+    baseline and key strings) and :class:`EvaluationScores` (scores only it can give, added to the
+    evaluate stage's). A dataset without them gets the generic rollouts and scores, with a note.
+    Its options model may also have ``frame_size_fields() -> {path under data: size}`` for the
+    fields that set the frame size (validation checks them against the backbone)."""
 
     prompt: str  # the text prompt of every clip
     train_clips: int  # clips a training stage reads
@@ -220,6 +224,58 @@ class ClipSource(Protocol):
         """Clips ``start .. start+count-1`` of ``split``, ``latent_frames`` latent frames each, encoded
         by ``backbone`` (``LatentClips.frames``: the uint8 video frames when ``keep_frames``), cached
         under ``cache_dir`` (None: no cache) by a key that includes ``cache_key``."""
+
+
+@runtime_checkable
+class ActionSteps(Protocol):
+    """Optional on a :class:`ClipSource`: its action labels integrate to poses
+    (:func:`biwm.core.camera.actions_to_poses`), ``move_step`` world units per move and
+    ``turn_step_deg`` degrees per turn."""
+
+    move_step: float
+    turn_step_deg: float
+
+
+@runtime_checkable
+class EvaluationScores(Protocol):
+    """Optional on a :class:`ClipSource`: scores that only this dataset can give (it knows more than
+    its frames: a judge of camera following, scenes it can render again), added to the evaluate
+    stage's metrics under names of its own. Core names none of them.
+
+    ``evaluation_scorer(ctx, config)`` is called once per evaluation before any rollout (``ctx``
+    the :class:`biwm.core.runner.RunContext`, ``config`` the stage's ``EvaluateConfig``); it may
+    load or train what it judges with."""
+
+    def evaluation_scorer(self, ctx: Any, config: Any) -> "DatasetScorer": ...
+
+
+@runtime_checkable
+class DatasetScorer(Protocol):
+    """A dataset's scores for one evaluation (made by :meth:`EvaluationScores.evaluation_scorer`).
+    ``run`` is the :class:`biwm.core.evaluation.EvaluationRun`; each method returns metrics by name.
+
+    ``headline``: the names among its rollout scores that stand for the rest: logged to the tracker
+    and, for a distilled model compared with its teacher, reported as ``student_NAME``;
+    ``teacher_keys``: those reported for that teacher's rollout as ``teacher_NAME``."""
+
+    headline: tuple[str, ...]
+    teacher_keys: tuple[str, ...]
+
+    def extra_chunks(self, trajectories: int) -> int:
+        """Chunks its own rollouts in :meth:`dataset_scores` take (the progress bar's share)."""
+
+    def rollout_scores(self, run: Any, video: Tensor, camera: "CameraTrack") -> dict[str, Any]:
+        """Scores of one rollout of the evaluation's trajectories (the model's, and a distilled model's
+        teacher's): ``video`` [B, T', 3, H, W] in [-1, 1] after the true history, driven by ``camera``
+        (video rate, history included)."""
+
+    def dataset_scores(self, run: Any) -> dict[str, Any]:
+        """Its own scores, once, after the model's rollout: baselines, its judge on the true clips,
+        scenes of its own (rolled out with ``run.roll`` or ``run.world``, calling ``run.progress()``
+        per chunk)."""
+
+    def summary(self, metrics: dict[str, Any]) -> str:
+        """Its part of the stage's one-line summary ("" for none)."""
 
 
 @runtime_checkable

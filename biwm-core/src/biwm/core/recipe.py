@@ -4,7 +4,8 @@ Validation is two-pass: the recipe's own schema (data, model, stages), then each
 against the registry of its kind and the plugin's own options model. The stages are a plugin kind
 too: :func:`recipe_model` types ``stages:`` as the union of the registered stages' config models,
 told apart by their ``stage`` field, so a plugin's stage validates like a built-in one. So is the
-data: ``data:`` is the options of the dataset its ``source`` names (default ``toyworld``), and
+data: ``data:`` is the options of the dataset its ``source`` names (default ``toyworld``, the toy
+world of biwm-toyworld), and
 :func:`dataset_for` makes that dataset (a :class:`biwm.core.protocols.ClipSource`). Relative
 input paths resolve against the recipe file's folder; ``run_dir`` resolves against the working
 directory.
@@ -33,6 +34,8 @@ MAX_RECIPE_BYTES = 1 << 20  # a recipe is a page of YAML; anything larger is not
 MAX_DEPTH = 64  # nesting levels of a recipe (ten are plenty)
 MAX_ERRORS = 20  # problems listed before "... and N more"
 DEFAULT_DATASET = "toyworld"  # the dataset of a recipe whose data names no source
+# Where a first-party plugin comes from, for the error when it is not installed: (kind, name) -> distribution.
+DISTRIBUTIONS = {("dataset", DEFAULT_DATASET): "biwm-toyworld"}
 
 
 class ModelConfig(Strict):
@@ -120,7 +123,8 @@ def _no_stages(value: Any) -> Any:
 
 
 def _default_source(value: Any) -> Any:
-    """``data:`` without ``source`` is the toy world's options (every recipe before datasets were plugins)."""
+    """``data:`` without ``source`` is the toy world's options (every recipe before datasets were plugins;
+    the toy world is biwm-toyworld's dataset, and without it the error says to install it)."""
     return {**value, "source": DEFAULT_DATASET} if isinstance(value, dict) and "source" not in value else value
 
 
@@ -259,6 +263,11 @@ def _unknown_plugin(kind: str, exc: UnknownPluginError, pm: PluginManager) -> st
     text = f"unknown {kind} {show(exc.name)}; allowed: {', '.join(exc.allowed) or '(none installed)'}"
     if isinstance(exc.name, str) and exc.name in pm.disabled_names():
         text += f"; {exc.name!r} is disabled by BIWM_DISABLE_PLUGINS"
+    elif isinstance(exc.name, str) and (kind, exc.name) in DISTRIBUTIONS:
+        dist = DISTRIBUTIONS[(kind, exc.name)]
+        default = " (the data of a recipe whose data: names no source)" if (kind, exc.name) == (
+            "dataset", DEFAULT_DATASET) else ""
+        text += f"; {kind} {exc.name!r}{default} comes with {dist}: pip install {dist}"
     broken = [s for s in pm.statuses() if s.status == "broken"]
     if broken:
         text += "; plugins that failed to load: " + "; ".join(
@@ -308,13 +317,13 @@ def _geometry_errors(recipe: "Recipe") -> list[FieldError]:
     if geometry is None:
         return []
     multiple = geometry()[1]
-    toy = getattr(recipe.data, "toyworld", None)
-    if toy is None:  # a dataset without the toy world's rendering sizes
+    sizes = getattr(recipe.data, "frame_size_fields", None)
+    if sizes is None:  # a dataset whose options do not say its frame size
         return []
-    return [FieldError(f"data.toyworld.{side}", f"{value} is not a multiple of {multiple}, which backbone "
+    return [FieldError(f"data.{path}", f"{value} is not a multiple of {multiple}, which backbone "
                        f"{recipe.model.backbone.name} needs (codec factor x patch size); try "
                        f"{max(multiple, round(value / multiple) * multiple)}")
-            for side, value in (("height", toy.height), ("width", toy.width)) if value % multiple]
+            for path, value in sizes().items() if value % multiple]
 
 
 def _model_file_errors(recipe: "Recipe") -> list[FieldError]:

@@ -1,5 +1,7 @@
 """Human-readable evaluation output: report.md with PNG plots for one run, and side-by-side
-comparisons of several runs (``biwm compare``). Every file is written to a temporary name first."""
+comparisons of several runs (``biwm compare``). Every file is written to a temporary name first.
+Rows are picked by metric name and left out when a run lacks them: the camera-following and
+dynamics rows are what a dataset's own scores add (the toy world's, biwm-toyworld)."""
 
 from __future__ import annotations
 
@@ -160,24 +162,28 @@ def plot_idm_per_action(runs: dict[str, dict[str, Any]], path: Path) -> None:
 
 def write_report(folder: Path, metrics: dict[str, Any], title: str, strip: list[Tensor] | None = None,
                  strip_every: int = 1) -> None:
-    """report.md + drift.png + idm_per_action.png (+ samples.png: truth over generated)."""
+    """report.md + drift.png (+ idm_per_action.png when the dataset judged camera following, as the
+    toy world does; + samples.png: truth over generated). Sections whose metrics are absent are left out."""
     from biwm.core.video import write_strip
 
     folder = Path(folder)
+    camera = any(metrics.get(key) is not None for key, _, _ in CAMERA_ROWS)
     plot_drift({"model": metrics}, folder / "drift.png")
-    plot_idm_per_action({"model": metrics}, folder / "idm_per_action.png")
+    if camera:
+        plot_idm_per_action({"model": metrics}, folder / "idm_per_action.png")
     if strip:
         write_strip(folder / "samples.png", strip, every=strip_every, scale=max(1, 96 // strip[0].shape[-1]),
                     labels=["truth", "generated"] if len(strip) == 2 else None)
     lines = [f"# {title}", "",
-             f"{metrics.get('trajectories')} held-out toy-world trajectories, {metrics.get('history_latent_frames')} true "
+             f"{metrics.get('trajectories')} held-out trajectories, {metrics.get('history_latent_frames')} true "
              f"history latent frames, then {metrics.get('chunks')} chunks of {metrics.get('chunk_latent_frames')} latent "
              f"frames; {metrics.get('steps')} denoising steps per chunk, CFG {metrics.get('cfg_scale')}, attention "
-             f"`{metrics.get('attention')}`. Raw numbers: `metrics.json`.", "",
-             "## Camera following", "", *_table(metrics, CAMERA_ROWS), "",
-             "![IDM accuracy per action](idm_per_action.png)", "",
-             "## Quality over time", "", *_table(metrics, QUALITY_ROWS), "", "![drift](drift.png)", "",
-             *_teacher_table(metrics)]
+             f"`{metrics.get('attention')}`. Raw numbers: `metrics.json`.", ""]
+    if camera:
+        lines += ["## Camera following", "", *_table(metrics, CAMERA_ROWS), "",
+                  "![IDM accuracy per action](idm_per_action.png)", ""]
+    lines += ["## Quality over time", "", *_table(metrics, QUALITY_ROWS), "", "![drift](drift.png)", "",
+              *_teacher_table(metrics)]
     if metrics.get("dynamics_true") is not None:
         lines += ["## Dynamics and diversity (still camera)", "", *_table(metrics, DYNAMICS_ROWS), ""]
     if strip:

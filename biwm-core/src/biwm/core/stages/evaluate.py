@@ -1,11 +1,13 @@
-"""Stage ``evaluate``: score a world model against the toy world's ground truth (see
+"""Stage ``evaluate``: score a world model against its dataset's held-out clips (see
 :mod:`biwm.core.evaluation`) and write metrics.json, report.md and PNG plots.
 
 Held-out trajectories are rolled out chunk by chunk from their true history with their true
-actions (and, as a control, with another trajectory's actions); a few held-out scenes are also
-rolled out under a still camera, several samples each, for dynamics and diversity. Clips come
-from the recipe's dataset; one that is not the toy world gets the quality and drift scores only
-(the IDM, the shuffled-actions baseline and the still-camera scenes are the toy world's).
+actions and scored against the true continuation (quality and drift; copy-last-frame as the
+trivial forecast); a distilled model is compared with its teacher on the same trajectories. A
+dataset that can say more adds its own scores (:class:`biwm.core.protocols.EvaluationScores`):
+the toy world of biwm-toyworld judges camera following with its inverse-dynamics model, rolls out
+a shuffled-actions baseline and still-camera scenes for dynamics and diversity, reading the
+options below that say so (``idm``, ``shuffled_baseline``, ``dynamics_*``, ``motion_threshold``).
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ class EvaluateConfig(Strict):
     cfg_scale: float = Field(1.0, ge=0, description="classifier-free guidance on text and control (1 = off)")
     history_sigma: float = Field(0.0, ge=0, lt=1, description="noise the history to this level before each chunk "
                                  "(for a model trained with stages.finetune.history_sigma_max; 0: clean history)")
-    shuffled_baseline: bool = Field(True, description="also roll out with another trajectory's actions")
-    dynamics_scenes: int = Field(4, ge=0, description="still-camera scenes for dynamics and diversity (0: skip)")
+    shuffled_baseline: bool = Field(True, description="also roll out with another trajectory's actions (a "
+                                    "dataset's own score: the toy world's)")
+    dynamics_scenes: int = Field(4, ge=0, description="still-camera scenes for dynamics and diversity (the toy "
+                                 "world's; 0: skip)")
     diversity_samples: int = Field(4, ge=2, description="rollouts per still-camera scene")
     dynamics_chunks: int = Field(3, ge=1)
     motion_threshold: float = Field(0.1, gt=0, lt=1, description="pixel change (0-1 scale) that counts as motion")
-    idm: InputFile | None = Field(None, description="IDM weights (default: the shipped or cached IDM for the "
-                                                    "data's rendering, trained and cached if there is none)")
+    idm: InputFile | None = Field(None, description="IDM weights for the toy world's camera following (default: "
+                                                    "the shipped or cached IDM for the data's rendering, trained "
+                                                    "and cached if there is none)")
     idm_steps: int = Field(6000, ge=1, description="training steps if an IDM has to be trained (minutes on a "
                                                    "GPU, long on a CPU: see biwm idm train)")
     compare_teacher: bool = Field(True, description="for a distilled generator, also roll out its teacher on the "
@@ -49,45 +54,22 @@ class EvaluateConfig(Strict):
     write_report: bool = Field(True, description="write report.md and the PNG plots")
 
 
-def resolve_idm(ctx, cfg: EvaluateConfig):
-    """The IDM for the recipe's rendering: given, shipped, cached, or trained now (and cached)."""
-    from biwm.core.idm import IDMTrainConfig, cache_dir, find_idm, idm_key, load_idm, save_idm, train_idm
-    from biwm.core.runner import progress_bar
-
-    config = ctx.dataset.toyworld
-    path = cfg.idm or find_idm(config)
-    if path is not None:
-        return load_idm(path, config, ctx.device)
-    target = cache_dir() / f"idm-{idm_key(config)}.safetensors"
-    ctx.console.print(f"[yellow]no inverse-dynamics model for this toy-world rendering yet[/]: training one "
-                      f"({cfg.idm_steps} steps) and caching it at {target}")
-    train = IDMTrainConfig(steps=cfg.idm_steps)
-    with progress_bar(ctx.console, "IDM", train.steps) as update:
-        model, scores = train_idm(config, train, ctx.device, progress=lambda **kw: update(**kw))
-    ctx.console.print(f"IDM held-out accuracy {scores['accuracy']:.3f}")
-    info = {k: v for k, v in scores.items() if not isinstance(v, dict)}
-    save_idm(target, model, config, info)
-    return load_idm(target, config, ctx.device)
-
-
 def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
     from biwm.core.data import video_frames_for
-    from biwm.core.evaluation import (camera_scores, dynamics_scores, quality_scores, rollout_video,
-                                      shuffled_camera, true_clip_scores)
-    from biwm.core.idm import action_accuracy
+    from biwm.core.evaluation import EvaluationRun, quality_scores, rollout_video
+    from biwm.core.protocols import EvaluationScores
     from biwm.core.runner import progress_bar
     from biwm.core.stages.common import load_world_model, sampler_for, text_embeddings, weights_metadata
     from biwm.core.video import as_uint8
 
     recipe = ctx.recipe
     dataset = ctx.dataset
-    toy = getattr(dataset, "toyworld", None)  # the IDM, action steps and still-camera scenes are the toy world's
-    if toy is None:
-        ctx.console.print(f"[yellow]dataset {recipe.data.source} is not the toy world[/]: quality and drift only "
-                          "(no IDM camera following, shuffled-actions baseline or still-camera dynamics)")
+    if not isinstance(dataset, EvaluationScores):
+        ctx.console.print(f"[yellow]dataset {recipe.data.source} adds no scores of its own[/]: quality and drift "
+                          "only (no camera following, shuffled-actions baseline or dynamics)")
     device = ctx.device
     world = load_world_model(ctx, init=cfg.init).to(device).eval()
-    idm = resolve_idm(ctx, cfg).model if toy is not None else None
+    scorer = dataset.evaluation_scorer(ctx, cfg) if isinstance(dataset, EvaluationScores) else None
     bb = world.backbone
     tf = bb.temporal_factor
     total_lat = cfg.history_frames + cfg.chunks * cfg.chunk_frames
@@ -104,9 +86,7 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
     last_history = data.frames[:, h_video - 1:h_video]
     per_chunk = cfg.chunk_frames * tf
     sampler = sampler_for(ctx, cfg.init, cfg.steps, cfg.shift, cfg.cfg_scale, cfg.history_sigma)
-    shuffled = cfg.shuffled_baseline and n > 1 and toy is not None
-    dynamics = cfg.dynamics_scenes and toy is not None
-    total_chunks = cfg.chunks * (2 if shuffled else 1) + (cfg.dynamics_chunks if dynamics else 0)
+    total_chunks = cfg.chunks + (scorer.extra_chunks(n) if scorer is not None else 0)
     if sampler.student and cfg.compare_teacher:
         total_chunks += cfg.chunks
 
@@ -120,46 +100,28 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
             return rollout_video(model, text, null_text, history, cam, cfg.chunks, cfg.chunk_frames, how, cfg.seed,
                                  on_chunk=lambda _i: update())
 
-        def follows(video, cam=camera):
-            if idm is None:
-                return {}
-            return camera_scores(idm, torch.cat([last_history, as_uint8(video)], 1), cam, h_video, toy, per_chunk)
+        evaluation = EvaluationRun(world, sampler, text, null_text, data, camera, h_video, per_chunk, roll,
+                                   lambda: update())
+
+        def judged(video):
+            return scorer.rollout_scores(evaluation, video, camera) if scorer is not None else {}
 
         correct = roll(world, sampler)
         metrics.update(quality_scores(correct, truth, per_chunk))
         metrics.update({k: v for k, v in quality_scores(last_history.expand_as(truth), truth, per_chunk,
                                                         "copy_last_frame_").items() if "chunk" in k or k.endswith("psnr")})
-        metrics.update({k if "error" in k else f"idm_{k}": v for k, v in follows(correct).items()
-                        if k not in ("predicted", "count")})
-        if shuffled:
-            other = shuffled_camera(camera, h_video, toy)
-            moved = roll(world, sampler, other)
-            metrics["psnr_shuffled_actions"] = quality_scores(moved, truth, per_chunk)["psnr"]
-            predicted = follows(moved, other)
-            # Scored against the trajectory's own actions, which this rollout was not given: near chance
-            # if the model follows its commands.
-            metrics["idm_accuracy_shuffled"] = action_accuracy(predicted["predicted"],
-                                                               camera.actions[:, h_video:].cpu())["accuracy"]
-            metrics["idm_accuracy_shuffled_commands"] = predicted["accuracy"]
-        if idm is not None:
-            metrics.update(true_clip_scores(idm, data.frames, camera.actions))
+        metrics.update(judged(correct))
+        if scorer is not None:
+            metrics.update(scorer.dataset_scores(evaluation))
         teacher_path = weights_metadata(ctx, cfg.init).get("teacher") if sampler.student else None
         if cfg.compare_teacher and teacher_path:
             metrics.update(teacher_scores(ctx, cfg, Path(teacher_path), metrics,
-                                          lambda video: (quality_scores(video, truth, per_chunk), follows(video)), roll))
-        if dynamics:
-            metrics.update(dynamics_scores(world, text, null_text, toy, cfg.dynamics_scenes, cfg.diversity_samples,
-                                           cfg.history_frames, cfg.dynamics_chunks, cfg.chunk_frames, sampler,
-                                           cfg.seed + 1, None, device, cfg.motion_threshold,
-                                           on_chunk=lambda _i: update()))
+                                          lambda video: (quality_scores(video, truth, per_chunk), judged(video)), roll,
+                                          scorer))
 
-    following = (f"IDM accuracy {metrics['idm_accuracy']:.3f} (true clips {metrics['idm_accuracy_true_clips']:.3f}, "
-                 f"chance {metrics['idm_chance']:.3f}); " if idm is not None else "")
-    ctx.console.print(
-        f"evaluate: {following}PSNR chunk 1 {metrics['psnr_chunk1']:.2f} dB, chunk {cfg.chunks} "
-        f"{metrics[f'psnr_chunk{cfg.chunks}']:.2f} dB" + (f"; dynamics {metrics['dynamics']:.2f}, diversity "
-                                                           f"{metrics['diversity']:.4f}" if metrics.get("dynamics") is not None else ""),
-        highlight=False)
+    own = scorer.summary(metrics) if scorer is not None else ""
+    ctx.console.print(f"evaluate: PSNR chunk 1 {metrics['psnr_chunk1']:.2f} dB, chunk {cfg.chunks} "
+                      f"{metrics[f'psnr_chunk{cfg.chunks}']:.2f} dB" + (f"; {own}" if own else ""), highlight=False)
     strip = [torch.cat([data.frames[0, :h_video], truth[0]]), torch.cat([data.frames[0, :h_video], as_uint8(correct[0])])]
     if cfg.write_report:
         from biwm.core.report import write_report
@@ -168,16 +130,18 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
     if getattr(ctx, "log_with", None):  # the strip image is built only for a tracker
         from biwm.core.video import strip_grid
 
+        headline = scorer.headline if scorer is not None else ()
         ctx.log({"evaluate/psnr": metrics["psnr"],
-                 **({"evaluate/idm_accuracy": metrics["idm_accuracy"]} if idm is not None else {}),
+                 **{f"evaluate/{k}": metrics[k] for k in headline if metrics.get(k) is not None},
                  "evaluate/samples": strip_grid(strip, per_chunk, max(1, 96 // strip[0].shape[-1]))}, step=0)
     return metrics
 
 
-def teacher_scores(ctx, cfg: EvaluateConfig, path: Path, student: dict, score, roll) -> dict:
+def teacher_scores(ctx, cfg: EvaluateConfig, path: Path, student: dict, score, roll, scorer=None) -> dict:
     """The distilled generator's teacher on the same trajectories: teacher_* metrics, and the
     student's own under student_* names, side by side. ``roll(model, sampler)`` rolls out the
-    evaluation's trajectories; ``score(video)`` gives (quality_scores, camera_scores)."""
+    evaluation's trajectories; ``score(video)`` gives (quality_scores, the dataset's rollout scores),
+    of which the dataset's ``scorer`` names those to compare (``teacher_keys``, ``headline``)."""
     from biwm.core.evaluation import Sampler
     from biwm.core.stages.common import load_world_model
 
@@ -187,10 +151,11 @@ def teacher_scores(ctx, cfg: EvaluateConfig, path: Path, student: dict, score, r
     teacher = load_world_model(ctx, init=path).to(ctx.device).eval()
     sampler = Sampler(cfg.teacher_steps, cfg.shift, cfg.teacher_cfg, history_sigma=cfg.teacher_history_sigma)
     ctx.console.print(f"teacher: {sampler.describe()}")
-    quality, follow = score(roll(teacher, sampler))
+    quality, own = score(roll(teacher, sampler))
+    teacher_keys, headline = (scorer.teacher_keys, scorer.headline) if scorer is not None else ((), ())
     return {"teacher_psnr": quality["psnr"], "teacher_psnr_per_chunk": quality["psnr_per_chunk"],
             "teacher_ssim": quality["ssim"], "teacher_sharpness": quality["sharpness"],
-            "teacher_idm_accuracy": follow.get("accuracy"), "teacher_idm_accuracy_last5": follow.get("accuracy_last5"),
+            **{f"teacher_{k}": own.get(k) for k in teacher_keys},
             "teacher_nfe_per_chunk": sampler.nfe_per_chunk, "teacher_sampler": sampler.describe(),
             "student_psnr": student["psnr"], "student_ssim": student["ssim"], "student_sharpness": student["sharpness"],
-            "student_idm_accuracy": student.get("idm_accuracy"), "student_nfe_per_chunk": student["nfe_per_chunk"]}
+            **{f"student_{k}": student.get(k) for k in headline}, "student_nfe_per_chunk": student["nfe_per_chunk"]}

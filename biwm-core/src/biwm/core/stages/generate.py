@@ -1,6 +1,8 @@
-"""Stage ``generate``: roll out held-out toy-world trajectories chunk by chunk from their true
+"""Stage ``generate``: roll out the dataset's held-out trajectories chunk by chunk from their true
 history, with the true actions and (baseline) with another trajectory's actions, and score the
-continuations against the ground truth. Writes mp4s (truth | correct | shuffled) and a PNG strip."""
+continuations against the ground truth. Writes mp4s (truth | correct | shuffled) and a PNG strip.
+The shuffled baseline and a key string integrate actions into poses, so they need a dataset with
+:class:`biwm.core.protocols.ActionSteps` (the toy world)."""
 
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
     from biwm.core.evaluation import rollout_video, shuffled_camera
     from biwm.core.video import as_uint8
     from biwm.core.metrics import finite_mean, psnr
+    from biwm.core.protocols import ActionSteps
     from biwm.core.stages.common import load_world_model, sampler_for, text_embeddings
     from biwm.core.video import write_mp4, write_strip
 
@@ -94,10 +97,10 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
     with ctx.console.status(f"reading {cfg.trajectories} held-out trajectories ({recipe.data.source})"):
         data = dataset.latents("heldout", cfg.trajectories, total_lat, bb, ctx.run_dir / "cache", ctx.cache_key(),
                                device=device, keep_frames=True)
-    toy = getattr(dataset, "toyworld", None)  # its action steps integrate actions to poses (shuffled, keys)
-    if toy is None and (cfg.shuffled_baseline or cfg.keys is not None):
-        ctx.console.print(f"[yellow]dataset {recipe.data.source} is not the toy world[/]: no shuffled-actions "
-                          "baseline or keys rollout (they integrate actions with the toy world's steps)")
+    action_steps = dataset if isinstance(dataset, ActionSteps) else None  # shuffled and keys integrate actions
+    if action_steps is None and (cfg.shuffled_baseline or cfg.keys is not None):
+        ctx.console.print(f"[yellow]dataset {recipe.data.source} has no action steps[/]: no shuffled-actions "
+                          "baseline or keys rollout (they integrate actions into poses)")
     n = len(data)
     text, null_text = text_embeddings(world, dataset.prompt, n, device)
     history = data.latents[:, :, :h_lat].to(device)
@@ -122,8 +125,8 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
                "psnr_copy_last_frame": finite_mean(psnr(copy_last, truth), "PSNR of copying the last frame"),
                "psnr_correct_per_trajectory": psnr(correct, truth).tolist()}
     rows = {"truth": truth, "correct": correct}
-    if cfg.shuffled_baseline and n > 1 and toy is not None:
-        shuffled = generate(shuffled_camera(raw_camera, h_video, toy), "shuffled actions")
+    if cfg.shuffled_baseline and n > 1 and action_steps is not None:
+        shuffled = generate(shuffled_camera(raw_camera, h_video, action_steps), "shuffled actions")
         metrics["psnr_shuffled_actions"] = finite_mean(psnr(shuffled, truth), "PSNR of the shuffled rollout")
         metrics["psnr_shuffled_per_trajectory"] = psnr(shuffled, truth).tolist()
         rows["shuffled"] = shuffled
@@ -143,7 +146,7 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
     write_strip(stage_dir / "strip.png", [torch.cat([past[0], as_uint8(rows[k][0])]) for k in rows],
                 scale=max(1, 128 // past.shape[-1]), labels=[{"truth": "truth", "correct": "true actions", "shuffled": "other actions"}[k] for k in rows],
                 history=past.shape[1])
-    if cfg.keys is not None and toy is not None:
+    if cfg.keys is not None and action_steps is not None:
         keys = parse_keys(cfg.keys).to(raw_camera.c2w.device)
         if len(keys) != truth.shape[1]:  # validation checks this; a recipe built by hand may not be validated
             raise ValueError(f"keys: {len(keys)} frames for a rollout of {truth.shape[1]}")
@@ -153,7 +156,7 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
         actions[0, h_video:h_video + frames] = keys[:frames]
         c2w = first.c2w.clone()
         c2w[:, h_video:h_video + frames] = actions_to_poses(actions[:, h_video:h_video + frames], first.c2w[:, h_video - 1],
-                                                            toy.move_step, toy.turn_step_deg)
+                                                            action_steps.move_step, action_steps.turn_step_deg)
         keyed = generate(CameraTrack(c2w, first.intrinsics, actions), f"keys {cfg.keys}", slice(0, 1))
         write_mp4(stage_dir / "keys.mp4", torch.cat([past[0], as_uint8(keyed[0])]), fps=cfg.fps, scale=4)
         metrics["keys"] = cfg.keys

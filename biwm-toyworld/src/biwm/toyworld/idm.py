@@ -3,7 +3,7 @@
 It is the judge of camera following: run it on a rollout's consecutive frames and compare its
 labels with the commanded actions. It is trained on true toy-world clips only (never on a world
 model's output), one model per rendering configuration (resolution, field of view, step sizes,
-scene layout), and cached; the quickstart's configuration ships with biwm-core.
+scene layout), and cached; the quickstart's configuration ships with biwm-toyworld.
 
 Design, and why:
 - Two 9-way heads (translation, rotation) rather than one 81-way head: the two factors are
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from biwm.core.camera import NUM_ACTIONS, ROTATIONS, TRANSLATIONS, _ROTATION_AXES, pose_from_yaw_pitch, split_action
 from biwm.core.checkpoint import atomic_save_tensors, load_tensors
-from biwm.core.toyworld import ToyClips, ToyWorldConfig, render_clips, split_seeds
+from biwm.toyworld.world import ToyClips, ToyWorldConfig, render_clips, split_seeds
 
 # Fields of ToyWorldConfig that only shape the random action policy: an IDM serves any value.
 _POLICY_FIELDS = ("action_hold", "idle_prob")
