@@ -61,6 +61,7 @@ def test_real_preset_without_vae_is_a_validate_error_naming_vae(tmp_path):
 
     folder = wan_folder(tmp_path / "w", PRESETS["wan2.1-t2v-1.3b"]["transformer"], weights_file=True)
     result = cli("validate", QUICKSTART, "--set", "model.backbone.options.preset=wan2.1-t2v-1.3b",
+                 "--set", "model.backbone.options.overrides={}",  # the quickstart's 12 toy blocks
                  "--set", f"model.backbone.options.weights={folder}")
     assert result.exit_code == 2, lines_of(result)
     assert "vae/" in result.stderr and "text_encoder/" in result.stderr and "random_init" in result.stderr
@@ -78,6 +79,7 @@ def test_weights_folder_without_weights_file_is_a_validate_error(tmp_path):
                         parts=("vae", "text_encoder", "tokenizer"))
     (folder / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"")
     result = cli("validate", QUICKSTART, "--set", "model.backbone.options.preset=wan2.1-t2v-1.3b",
+                 "--set", "model.backbone.options.overrides={}",  # the quickstart's 12 toy blocks
                  "--set", f"model.backbone.options.weights={folder}")
     assert result.exit_code == 2, lines_of(result)
     assert "model.backbone.options" in result.stderr and "no weights file" in result.stderr
