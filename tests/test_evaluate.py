@@ -151,6 +151,15 @@ def test_biwm_eval_bad_targets(tmp_path):
                                         "--setup", str(tmp_path / "setup.yaml")], capture_output=True, text=True, env=env)
     assert proc.returncode == 2 and "setup.yaml is not valid YAML" in proc.stderr, proc.stderr
     assert not list(tmp_path.glob("c*"))
+    # a model file on its own: a bad --set names the file's card, not a recipe.yaml that does not exist
+    from conftest import ROOT
+
+    teacher = ROOT / "examples" / "weights" / "toyworld-teacher" / "model.safetensors"
+    proc = subprocess.run(biwm_cmd() + ["eval", str(teacher), "--set", "evaluate.run_dir=x", "--out", str(tmp_path / "e")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{teacher} (its model card): stages[0].run_dir: unknown field" in proc.stderr.replace("\n", "")
+    assert "recipe.yaml" not in proc.stderr and not (tmp_path / "e").exists()
 
 
 def test_evaluate_rejects_an_idm_for_another_rendering(tmp_path):

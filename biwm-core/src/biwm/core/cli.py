@@ -180,7 +180,10 @@ def eval_(target: Path = typer.Argument(..., help="run folder, stage folder, che
     run_dir, weights = _find_run(target)
     with _recipe_errors():
         data = evaluation_recipe_data(run_dir, weights)
-        recipe = validate_recipe(apply_overrides(data, set_), base_dir=run_dir, source=str(run_dir / "recipe.yaml"))
+        recipe_file = run_dir / "recipe.yaml"
+        # a model file evaluated on its own: its card is the recipe, so errors name the file
+        source = str(recipe_file) if recipe_file.is_file() else f"{weights} (its model card)"
+        recipe = validate_recipe(apply_overrides(data, set_), base_dir=run_dir, source=source)
     _warn_broken()
     out = out or run_dir / "eval"
     console.print(f"evaluating {weights} ({recipe.model.attention} attention) -> {out}")
