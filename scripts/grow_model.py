@@ -28,29 +28,28 @@ BLOCK = re.compile(r"^transformer\.blocks\.(\d+)\.(.+)$")
 
 
 def grow(tensors: dict[str, torch.Tensor], layers: int) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """(grown tensors, for each new block index the old block it copies or -1 for an old block)."""
-    old = sorted({int(m.group(1)) for k in tensors if (m := BLOCK.match(k))})
-    if not old or old != list(range(len(old))):
+    """(grown tensors, the indices of the new blocks that are zero-output copies)."""
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
+    out = {}
+    for key, value in tensors.items():
+        m = BLOCK.match(key)
+        if m:
+            blocks.setdefault(int(m.group(1)), {})[m.group(2)] = value
+        else:
+            out[key] = value
+    n = len(blocks)
+    if not n or sorted(blocks) != list(range(n)):
         raise SystemExit("source: no transformer.blocks.N tensors numbered 0..N-1: not a Wan BiWM model file")
-    if layers < len(old):
-        raise SystemExit(f"--layers: must be at least the source's {len(old)} blocks, got {layers}")
-    # spread the new blocks evenly: old block i is followed by copies[i] copies of itself
-    extra = layers - len(old)
-    copies = [extra // len(old) + (1 if i < extra % len(old) else 0) for i in range(len(old))]
-    origin: list[int] = []
-    for i, n in enumerate(copies):
-        origin += [-1 - i] + [i] * n  # -1 - i marks old block i kept as is
-    out = {k: v for k, v in tensors.items() if not BLOCK.match(k)}
-    for new, src in enumerate(origin):
-        block = -1 - src if src < 0 else src
-        for key, value in tensors.items():
-            m = BLOCK.match(key)
-            if m and int(m.group(1)) == block:
-                value = value.clone()
-                if src >= 0 and m.group(2) in ZERO_SUFFIXES:
-                    value.zero_()
-                out[f"transformer.blocks.{new}.{m.group(2)}"] = value
-    return out, [s if s >= 0 else -1 for s in origin]
+    if layers < n:
+        raise SystemExit(f"--layers: must be at least the source's {n} blocks, got {layers}")
+    # spread the new blocks evenly: old block i is followed by extra // n copies, one more for the first extra % n
+    extra = layers - n
+    plan = [(i, copy) for i in range(n) for copy in [False] + [True] * (extra // n + (i < extra % n))]
+    for new, (old, copy) in enumerate(plan):
+        for name, value in blocks[old].items():
+            out[f"transformer.blocks.{new}.{name}"] = (torch.zeros_like(value) if copy and name in ZERO_SUFFIXES
+                                                       else value.clone())
+    return out, [new for new, (_, copy) in enumerate(plan) if copy]
 
 
 def main() -> None:
@@ -60,7 +59,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, required=True, help="number of blocks of the grown model")
     args = ap.parse_args()
 
-    from biwm.core.checkpoint import DIGEST_KEY, STORAGE_KEY, atomic_save_tensors, dequantize_int8, load_tensors, read_metadata
+    from biwm.core.checkpoint import DIGEST_KEY, STORAGE_KEY, atomic_save_tensors, load_model_tensors, read_metadata
     from biwm.core.stages.common import CARD_KEY
 
     meta = {k: v for k, v in read_metadata(args.src, "model file").items() if k != DIGEST_KEY}
@@ -71,13 +70,12 @@ def main() -> None:
     if options.get("preset") not in ("tiny", "toy"):
         raise SystemExit(f"{args.src}: only the pixel-codec presets (tiny, toy) can grow, not {options.get('preset')!r}")
     meta.pop(STORAGE_KEY, None)
-    tensors, origin = grow(dequantize_int8(load_tensors(args.src, "model file"), str(args.src)), args.layers)
+    tensors, copies = grow(load_model_tensors(args.src), args.layers)
     options.setdefault("overrides", {})["num_layers"] = args.layers
     meta[CARD_KEY] = json.dumps(card, sort_keys=True)
     args.dst.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(tensors, args.dst, meta)
-    print(f"wrote {args.dst}: {args.layers} blocks; copies of old blocks (output projections zero) at "
-          f"{[i for i, s in enumerate(origin) if s >= 0]}")
+    print(f"wrote {args.dst}: {args.layers} blocks; copies of old blocks (output projections zero) at {copies}")
 
 
 if __name__ == "__main__":

@@ -48,12 +48,12 @@ def main() -> None:
             raise SystemExit(f"--sampler: steps must be >= 1, shift > 0, CFG >= 0 and history sigma in [0, 1), "
                              f"got {args.sampler!r}")
 
-    from biwm.core.checkpoint import (DIGEST_KEY, STORAGE_KEY, atomic_save_tensors, dequantize_int8, load_tensors,
-                                      quantize_int8, read_metadata)
+    from biwm.core.checkpoint import (DIGEST_KEY, STORAGE_KEY, atomic_save_tensors, load_model_tensors, quantize_int8,
+                                      read_metadata)
     from biwm.core.stages.common import CARD_KEY
 
     meta = {k: v for k, v in read_metadata(args.src, "model file").items() if k != DIGEST_KEY}
-    tensors = dequantize_int8(load_tensors(args.src, "model file"), str(args.src))
+    tensors = load_model_tensors(args.src)
     meta.pop(STORAGE_KEY, None)
     if CARD_KEY not in meta:
         if args.recipe is None:

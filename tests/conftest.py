@@ -39,6 +39,17 @@ def tiny_recipe(run_dir: Path, **stage_overrides) -> dict:
     }
 
 
+def tiny_model_file(tmp_path: Path) -> Path:
+    """The model.safetensors (with its card) of a tiny run's finetune stage, trained a few steps."""
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import run_recipe
+
+    data = tiny_recipe(tmp_path / "run")
+    data["stages"] = data["stages"][:1]
+    run_recipe(validate_recipe(data))
+    return tmp_path / "run" / "finetune" / "model.safetensors"
+
+
 def biwm_cmd() -> list[str]:
     return [sys.executable, "-m", "biwm.core.cli"]
 

@@ -53,14 +53,9 @@ def test_reserved_names_and_broken_scales_are_refused():
 def test_an_int8_shipped_model_loads_alone_and_computes_like_its_source(tmp_path):
     import biwm.core as biwm
     from biwm.core.checkpoint import STORAGE_KEY, read_metadata
-    from biwm.core.recipe import validate_recipe
-    from biwm.core.runner import run_recipe
-    from conftest import tiny_recipe
+    from conftest import tiny_model_file
 
-    data = tiny_recipe(tmp_path / "run")
-    data["stages"] = data["stages"][:1]
-    run_recipe(validate_recipe(data))
-    src = tmp_path / "run" / "finetune" / "model.safetensors"
+    src = tiny_model_file(tmp_path)
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "ship_model.py"), str(src), str(tmp_path / "ship"),
                         "--int8"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -254,14 +254,9 @@ def test_ship_model_halves_the_file_and_keeps_a_loadable_card(tmp_path):
     import sys
 
     import biwm.core as biwm
-    from biwm.core.recipe import validate_recipe
-    from biwm.core.runner import run_recipe
-    from conftest import ROOT, tiny_recipe
+    from conftest import ROOT, tiny_model_file
 
-    data = tiny_recipe(tmp_path / "run")
-    data["stages"] = data["stages"][:1]
-    run_recipe(validate_recipe(data))
-    src = tmp_path / "run" / "finetune" / "model.safetensors"
+    src = tiny_model_file(tmp_path)
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "ship_model.py"), str(src), str(tmp_path / "ship"),
                            "--teacher", str(src)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -224,6 +224,11 @@ def dequantize_int8(tensors: dict[str, torch.Tensor], source: str = "model file"
     return out
 
 
+def load_model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A model file's weights as floats: :func:`load_tensors`, then int8-stored matrices dequantised."""
+    return dequantize_int8(load_tensors(path, "model file"), str(path))
+
+
 def module_state(modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import Field, ValidationError
 
-from biwm.core.checkpoint import CorruptFileError, dequantize_int8, load_module_state, load_tensors, read_metadata
+from biwm.core.checkpoint import CorruptFileError, load_model_tensors, load_module_state, read_metadata
 from biwm.core.config import Strict
 from biwm.core.window import WorldModel
 
@@ -27,8 +27,7 @@ def load_world_model(ctx: "RunContext", init: Path | None = None, strict: bool =
     world = ctx.build_world_model()
     source = init or ctx.previous_weights
     if source is not None:
-        tensors = dequantize_int8(load_tensors(source, "model file"), str(source))
-        found = load_module_state(world.trainable_modules(), tensors, strict=strict,
+        found = load_module_state(world.trainable_modules(), load_model_tensors(source), strict=strict,
                                   source=str(source))
         for kind, names in found.items():
             if names and report:
