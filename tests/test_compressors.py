@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import biwm_cmd, subprocess_env, tiny_recipe
 from test_model import activate_controls, random_camera, tiny_backbone
 
+from biwm.core.text import TextConditioning
 from biwm.core.window import Window, WorldModel
 
 GRID = (4, 4)  # token grid of the 32x32 tiny preset (8x8 latents, 2x2 patches)
@@ -27,8 +28,9 @@ def world_with(name: str, options: dict | None = None, seed: int = 0) -> WorldMo
 
 def window(history: int, chunk: int = 4, seed: int = 0) -> Window:
     g = torch.Generator().manual_seed(seed)
-    return Window(text=torch.zeros(2, 4, 32), chunk=torch.randn(2, 48, chunk, 8, 8, generator=g),
-                  timestep=torch.tensor([500.0, 300.0]), history=torch.randn(2, 48, history, 8, 8, generator=g),
+    return Window(text=TextConditioning.from_tensor(torch.zeros(2, 4, 32), "t5"),
+                  chunk=torch.randn(2, 48, chunk, 8, 8, generator=g), timestep=torch.tensor([500.0, 300.0]),
+                  history=torch.randn(2, 48, history, 8, 8, generator=g),
                   camera=random_camera(2, history + chunk, seed=seed))
 
 

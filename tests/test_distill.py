@@ -26,7 +26,7 @@ def window_for(world, batch=2, history=2, k=2):
 
     clips = render_clips([1, 2][:batch], history + 2 * k, ToyWorldConfig(height=32, width=32))
     latents = world.backbone.encode_video(clips.frames_float().transpose(1, 2))
-    text = world.backbone.encode_text([""]).expand(batch, -1, -1)
+    text = world.backbone.encode_text([""]).expand(batch)
     win = Window(text=text, chunk=latents[:, :, history:history + k], timestep=torch.zeros(batch),
                  history=latents[:, :, :history], camera=clips.camera.frames(slice(0, history + k)))
     return win, latents, clips.camera, text
@@ -99,18 +99,20 @@ def test_dmd_moves_samples_toward_the_teacher():
     """Teacher knows the data mode mu; the critic knows the generator's samples sit at x. The DMD
     update must carry x to mu, and its direction is normalised per sample."""
     from biwm.core.dmd import RolledChunk, dmd_direction, dmd_loss
+    from biwm.core.text import TextConditioning
     from biwm.core.window import Window
 
     mu = torch.full((2, 4, 2, 3, 3), 0.5)
     x = nn.Parameter(torch.randn(2, 4, 2, 3, 3, generator=torch.Generator().manual_seed(0)) * 2)
     teacher = KnownDenoiser(lambda x_t: mu)
     critic = KnownDenoiser(lambda x_t: x.detach())
-    window = Window(text=torch.zeros(2, 1, 4), chunk=torch.zeros_like(mu), timestep=torch.zeros(2))
+    window = Window(text=TextConditioning.from_tensor(torch.zeros(2, 1, 4), "t5"), chunk=torch.zeros_like(mu),
+                    timestep=torch.zeros(2))
     optimizer = torch.optim.SGD([x], lr=0.02 * x.numel())  # the loss is a mean over elements
     rng = torch.Generator().manual_seed(1)
     distances = [float((x.detach() - mu).abs().mean())]
     for _ in range(70):
-        loss = dmd_loss(RolledChunk(x, window), teacher, critic, torch.zeros(1, 1, 4), 1.0, torch.full((2,), 0.5), rng)
+        loss = dmd_loss(RolledChunk(x, window), teacher, critic, window.text.select(0), 1.0, torch.full((2,), 0.5), rng)
         optimizer.zero_grad()
         loss.backward()
         # the gradient on x is exactly the normalised direction, over the element count

@@ -146,7 +146,7 @@ def test_finetune_draws_a_history_level_per_sample_within_the_maximum():
     x0, history = torch.randn(8, 48, 2, 8, 8, generator=g), torch.randn(8, 48, 2, 8, 8, generator=g)
     camera = random_camera(8, 4, seed=2)
     cfg = FinetuneConfig(history_sigma_max=0.3, text_dropout=0.0, control_dropout=0.0)
-    loss = finetune_loss(world, cfg, x0, history, camera, text, text[:1], torch.Generator().manual_seed(1),
+    loss = finetune_loss(world, cfg, x0, history, camera, text, text.select(0), torch.Generator().manual_seed(1),
                          "bidirectional")
     loss.backward()
     level = windows[0].history_sigma
@@ -156,7 +156,7 @@ def test_finetune_draws_a_history_level_per_sample_within_the_maximum():
     # the timestep embedding, which now also carries the history's level, gets gradients
     assert world.backbone.transformer.condition_embedder.time_embedder.linear_1.weight.grad.abs().sum() > 0
     windows.clear()
-    finetune_loss(world, FinetuneConfig(), x0, history, camera, text, text[:1], torch.Generator().manual_seed(1),
+    finetune_loss(world, FinetuneConfig(), x0, history, camera, text, text.select(0), torch.Generator().manual_seed(1),
                   "bidirectional")
     assert windows[0].history_sigma is None and torch.equal(windows[0].history, history)
     with pytest.raises(ValueError, match="history_sigma_max"):

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from biwm.core.text import TextEncoding
+
 
 class PixelCodec(nn.Module):
     """Frames [B, 3, T, H, W] in [-1, 1] <-> latents [B, 3*s*s, T, H/s, W/s] by pixel (un)shuffle."""
@@ -47,7 +49,8 @@ class PixelCodec(nn.Module):
 class ByteTextEncoder(nn.Module):
     """Deterministic text embedding for tiny presets: a fixed random vector per UTF-8 byte.
 
-    The empty prompt maps to all zeros, the null condition used for classifier-free guidance.
+    The empty prompt maps to all zeros, the null condition used for classifier-free guidance. The
+    mask marks the prompt's bytes; the padding after them is zero as well.
     """
 
     def __init__(self, text_dim: int, max_length: int = 16, seed: int = 0):
@@ -56,9 +59,11 @@ class ByteTextEncoder(nn.Module):
         self.register_buffer("table", torch.randn(256, text_dim, generator=g, device="cpu"), persistent=False)
         self.max_length = max_length
 
-    def forward(self, prompts: list[str]) -> Tensor:
+    def forward(self, prompts: list[str]) -> TextEncoding:
         out = torch.zeros(len(prompts), self.max_length, self.table.shape[1], device=self.table.device)
+        mask = torch.zeros(len(prompts), self.max_length, dtype=torch.bool, device=self.table.device)
         for i, prompt in enumerate(prompts):
             ids = torch.tensor(list(prompt.encode("utf-8"))[: self.max_length], dtype=torch.long)
             out[i, : len(ids)] = self.table[ids.to(self.table.device)]
-        return out
+            mask[i, : len(ids)] = True
+        return TextEncoding(out, mask)

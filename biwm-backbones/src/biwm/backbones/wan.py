@@ -19,6 +19,7 @@ from biwm.core.checkpoint import read_json_object
 from biwm.core.config import InputDir
 from biwm.core.protocols import BlockOutput
 from biwm.core.schedule import timestep as schedule_timestep
+from biwm.core.text import TextConditioning, TextEncoding
 
 from biwm.backbones.codecs import ByteTextEncoder, PixelCodec
 
@@ -260,28 +261,37 @@ class WanStreamDecoder:
 
 
 class UMT5TextEncoder(nn.Module):
-    """Wan's UMT5 text encoder, loaded lazily from the weights directory; frozen."""
+    """Wan's UMT5 text encoder (a transformers tokenizer and ``UMT5EncoderModel``); frozen. Its
+    output's mask is the tokenizer's attention mask (the backbone zeroes the padding it marks)."""
 
-    def __init__(self, weights: Path, max_length: int = 512):
+    def __init__(self, tokenizer: Any, encoder: nn.Module, max_length: int = 512):
         super().__init__()
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
-        self.tokenizer = AutoTokenizer.from_pretrained(weights / "tokenizer")
-        self.encoder = UMT5EncoderModel.from_pretrained(weights / "text_encoder").requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.encoder = encoder.requires_grad_(False).eval()
         self.max_length = max_length
 
+    @classmethod
+    def from_weights(cls, weights: Path, max_length: int = 512) -> UMT5TextEncoder:
+        """From the ``tokenizer/`` and ``text_encoder/`` folders of a diffusers-format Wan directory."""
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        return cls(AutoTokenizer.from_pretrained(weights / "tokenizer"),
+                   UMT5EncoderModel.from_pretrained(weights / "text_encoder"), max_length)
+
     @torch.no_grad()
-    def forward(self, prompts: list[str]) -> Tensor:
+    def forward(self, prompts: list[str]) -> TextEncoding:
         tok = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
                              add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         device = next(self.encoder.parameters()).device
         ids, mask = tok.input_ids.to(device), tok.attention_mask.to(device)
-        hidden = self.encoder(ids, mask).last_hidden_state
-        return hidden * mask.unsqueeze(-1).to(hidden.dtype)  # padding is zero, as in diffusers' Wan pipeline
+        return TextEncoding(self.encoder(ids, mask).last_hidden_state, mask.bool())
 
 
 class WanBackbone(nn.Module):
-    """The Backbone protocol over a diffusers WanTransformer3DModel."""
+    """The Backbone protocol over a diffusers WanTransformer3DModel. Its text conditioning has one
+    encoder, ``TEXT_ENCODER`` (UMT5, or the byte stand-in of the pixel-codec presets)."""
+
+    TEXT_ENCODER = "t5"
 
     random_parts: list[str] = []  # parts of a real preset built with random weights (random_init: true)
 
@@ -341,12 +351,22 @@ class WanBackbone(nn.Module):
             sin.append(s)
         return torch.cat(cos, -1)[None, :, None], torch.cat(sin, -1)[None, :, None]
 
-    def run_blocks(self, tokens: Tensor, timesteps: Tensor, text: Tensor, rotary: Any,
+    def text_embeds(self, text: TextConditioning) -> Tensor:
+        """The embeddings the condition embedder takes, [B, L, text_dim] in the model's dtype, zero where
+        the mask is False: diffusers' Wan cross-attention takes no mask, and Wan's own pipeline zeroes
+        the embeddings past each prompt's length."""
+        if set(text.names) != {self.TEXT_ENCODER}:
+            raise ValueError(f"WanBackbone: text conditioning from encoders {', '.join(map(repr, text.names))}, "
+                             f"expected only {self.TEXT_ENCODER!r} (as WanBackbone.encode_text makes it)")
+        enc = text[self.TEXT_ENCODER]
+        return enc.embeds.to(self.dtype).masked_fill(~enc.mask[..., None], 0)
+
+    def run_blocks(self, tokens: Tensor, timesteps: Tensor, text: TextConditioning, rotary: Any,
                    attention_mask: Tensor | None = None, modulation: Tensor | None = None) -> BlockOutput:
         tr = self.transformer
         batch, length = timesteps.shape
         embedder = tr.condition_embedder
-        temb, proj, text_states, _ = embedder(timesteps.flatten(), text.to(self.dtype), None,
+        temb, proj, text_states, _ = embedder(timesteps.flatten(), self.text_embeds(text), None,
                                               timestep_seq_len=length)
         if modulation is not None:  # control joins the timestep embedding before its projection
             temb = temb + modulation.to(temb.dtype)
@@ -419,8 +439,9 @@ class WanBackbone(nn.Module):
         return schedule_timestep(sigma)  # Wan's convention: 1000 sigma
 
     @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> Tensor:
-        return self.text_encoder(prompts).float()
+    def encode_text(self, prompts: list[str]) -> TextConditioning:
+        enc = self.text_encoder(prompts)
+        return TextConditioning({self.TEXT_ENCODER: TextEncoding(enc.embeds.float(), enc.mask)})
 
 
 def _cast_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -460,7 +481,7 @@ def build_wan(options: WanOptions, **_: Any) -> WanBackbone:
             vae = AutoencoderKLWan(**codec_cfg["vae"]).to(dtype)
         codec = WanVAECodec(vae)
         if weights is not None and (weights / "text_encoder").is_dir():
-            text_encoder = UMT5TextEncoder(weights)
+            text_encoder = UMT5TextEncoder.from_weights(weights)
         else:  # random-weight runs: a stand-in of the right width; text is encoded once per prompt anyway
             text_encoder = ByteTextEncoder(transformer.config.text_dim, max_length=512)
     backbone = WanBackbone(transformer, codec, text_encoder, options.preset)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from biwm.core.camera import CameraTrack
 from biwm.core.sampling import few_step_chunk, guided_velocity, randn, student_sigmas  # noqa: F401 (re-exported)
 from biwm.core.schedule import add_noise, predict_x0, training_sigmas, velocity_target
+from biwm.core.text import TextConditioning
 from biwm.core.window import Window, WorldModel, noise_history
 
 
@@ -36,7 +37,7 @@ class RolledChunk:
     window: Window
 
 
-def self_rollout(world: WorldModel, text: Tensor, history: Tensor, camera: CameraTrack | None, chunks: int,
+def self_rollout(world: WorldModel, text: TextConditioning, history: Tensor, camera: CameraTrack | None, chunks: int,
                  chunk_frames: int, sigmas: Tensor, generator: torch.Generator, exit_step: int | None = None,
                  attention: str | None = None, history_sigma: float = 0.0) -> list[RolledChunk]:
     """``chunks`` chunks, each conditioned on the true ``history`` followed by the student's own
@@ -79,7 +80,7 @@ def dmd_direction(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
     return (x0_fake - x0_real) / scale
 
 
-def dmd_loss(chunk: RolledChunk, teacher: WorldModel, critic: WorldModel, null_text: Tensor, cfg_scale: float,
+def dmd_loss(chunk: RolledChunk, teacher: WorldModel, critic: WorldModel, null_text: TextConditioning, cfg_scale: float,
              sigma: Tensor, generator: torch.Generator, weights: Tensor | None = None,
              teacher_context: Callable = nullcontext) -> Tensor:
     """0.5 ‖x - sg(x - g)‖², whose gradient on the generated chunk x is the DMD direction g (times
@@ -108,7 +109,7 @@ class DistillStep:
     chunk: RolledChunk
     teacher: WorldModel
     critic: WorldModel
-    null_text: Tensor
+    null_text: TextConditioning
     teacher_cfg: float
     sigma: Tensor  # DMD's noise level per sample, [B]
     critic_shift: float  # sigma shift of the critic's flow-matching loss

@@ -20,6 +20,7 @@ from biwm.core.camera import CameraTrack, actions_to_poses
 from biwm.core.data import LatentClips, latent_aligned_camera
 from biwm.core.metrics import finite_mean, per_chunk, psnr, psnr_per_chunk, sharpness, ssim
 from biwm.core.sampling import RolloutSession, Sampler
+from biwm.core.text import TextConditioning
 from biwm.core.window import WorldModel
 
 if TYPE_CHECKING:
@@ -33,8 +34,8 @@ class EvaluationRun:
 
     world: WorldModel  # the model evaluated, in eval mode on the stage's device
     sampler: Sampler  # how it samples
-    text: Tensor  # prompt embeddings, one per trajectory
-    null_text: Tensor  # the empty prompt's (classifier-free guidance)
+    text: TextConditioning  # the prompt's, one row per trajectory
+    null_text: TextConditioning  # the empty prompt's (classifier-free guidance)
     clips: LatentClips  # the held-out trajectories, their uint8 frames kept
     camera: CameraTrack  # their commanded cameras, video rate, T = 1 + tf*(F-1): history then continuation
     history_video_frames: int  # true history, in video frames
@@ -66,9 +67,9 @@ def shuffled_camera(camera: CameraTrack, history_video_frames: int, steps: "Acti
     return CameraTrack(c2w, camera.intrinsics, actions)
 
 
-def rollout_video(world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor, camera: CameraTrack,
-                  chunks: int, chunk_frames: int, sampler: Sampler, seed: int, attention: str | None = None,
-                  on_chunk: Callable[[int], None] | None = None) -> Tensor:
+def rollout_video(world: WorldModel, text: TextConditioning, null_text: TextConditioning, history: Tensor,
+                  camera: CameraTrack, chunks: int, chunk_frames: int, sampler: Sampler, seed: int,
+                  attention: str | None = None, on_chunk: Callable[[int], None] | None = None) -> Tensor:
     """Roll out from latent ``history`` with ``camera`` (video rate, T = 1 + tf*(F-1) frames covering
     history and continuation) and decode as it goes: the continuation's frames [B, T', 3, H, W] in
     [-1, 1], on the CPU. ``on_chunk(i)`` is called as each chunk is decoded."""

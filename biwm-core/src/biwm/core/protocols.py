@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from biwm.core.text import TextConditioning
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -93,10 +95,12 @@ class Backbone(Protocol):
     def rotary(self, positions: Tensor) -> Any:
         """Rotary embedding for arbitrary (also fractional) [L, 3] (frame, row, col) positions."""
 
-    def run_blocks(self, tokens: Tensor, timesteps: Tensor, text: Tensor, rotary: Any,
+    def run_blocks(self, tokens: Tensor, timesteps: Tensor, text: TextConditioning, rotary: Any,
                    attention_mask: Tensor | None = None, modulation: Tensor | None = None) -> BlockOutput:
         """Transformer blocks on [B, L, D] with per-token timesteps [B, L]; ``modulation`` [B, L, D] is
-        added to the per-token timestep embedding (AdaLN conditioning)."""
+        added to the per-token timestep embedding (AdaLN conditioning). ``text``: what
+        :meth:`encode_text` made, one row per sample; the backbone decides how its encoders' embeddings
+        and masks condition the blocks (padding, ``mask`` False, must not)."""
 
     def unembed(self, out: BlockOutput, grid: tuple[int, int, int]) -> Tensor:
         """Output tokens (in grid order) -> latents [B, C, F, h, w]."""
@@ -109,7 +113,9 @@ class Backbone(Protocol):
 
     def stream_decoder(self) -> "StreamDecoder": ...
 
-    def encode_text(self, prompts: list[str]) -> Tensor: ...
+    def encode_text(self, prompts: list[str]) -> TextConditioning:
+        """One row per prompt, float32 embeddings; the empty prompt is classifier-free guidance's null
+        condition."""
 
     def timestep(self, sigma: Tensor) -> Tensor:
         """The network's timestep for noise level ``sigma`` in [0, 1], in the convention its timestep

@@ -11,13 +11,14 @@ from torch import Tensor
 from biwm.core.camera import CameraTrack
 from biwm.core.protocols import AttentionMode
 from biwm.core.sampling import RolloutSession, Sampler, guided_velocity  # noqa: F401 (guided_velocity: re-export)
+from biwm.core.text import TextConditioning
 from biwm.core.window import WorldModel
 
 
 @torch.no_grad()
-def rollout(world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor | None, camera: CameraTrack | None,
-            chunks: int, chunk_frames: int, steps: int, shift: float, cfg_scale: float = 1.0,
-            generator: torch.Generator | None = None, attention: AttentionMode | None = None,
+def rollout(world: WorldModel, text: TextConditioning, null_text: TextConditioning, history: Tensor | None,
+            camera: CameraTrack | None, chunks: int, chunk_frames: int, steps: int, shift: float,
+            cfg_scale: float = 1.0, generator: torch.Generator | None = None, attention: AttentionMode | None = None,
             on_chunk: Callable[[int, Tensor], None] | None = None, student_sigmas: Tensor | None = None,
             sampler: Sampler | None = None) -> Tensor:
     """Generate ``chunks`` chunks of ``chunk_frames`` latent frames after ``history``.

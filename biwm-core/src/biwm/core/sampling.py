@@ -24,18 +24,19 @@ from biwm.core.camera import CameraTrack, actions_to_poses
 from biwm.core.protocols import AttentionMode
 from biwm.core.schedule import add_noise, euler_step, predict_x0, sampling_sigmas, shift_sigma
 from biwm.core.speed import Clock, FrameStream, Mark, SpeedOptions, apply_speedups, elapsed
+from biwm.core.text import TextConditioning
 from biwm.core.window import Window, WorldModel, noise_history
 
 
-def guided_velocity(world: WorldModel, window: Window, null_text: Tensor, cfg_scale: float) -> Tensor:
-    """One velocity prediction; with guidance, conditional and unconditional (null text, control
-    dropped) run as one doubled batch."""
+def guided_velocity(world: WorldModel, window: Window, null_text: TextConditioning, cfg_scale: float) -> Tensor:
+    """One velocity prediction; with guidance, conditional and unconditional (null text, one row or
+    one per sample; control dropped) run as one doubled batch."""
     if cfg_scale == 1.0:
         return world(window)
     b = window.chunk.shape[0]
     cam = window.camera
     doubled = Window(
-        text=torch.cat([window.text, null_text.expand_as(window.text)]),
+        text=TextConditioning.cat([window.text, null_text.expand(b)]),
         chunk=torch.cat([window.chunk, window.chunk]),
         timestep=torch.cat([window.timestep, window.timestep]),
         history=None if window.history is None else torch.cat([window.history, window.history]),
@@ -118,7 +119,7 @@ class Sampler:
         return student_sigmas(self.steps, self.shift).to(device)
 
     @torch.no_grad()
-    def sample_chunk(self, world: WorldModel, window: Window, null_text: Tensor,
+    def sample_chunk(self, world: WorldModel, window: Window, null_text: TextConditioning,
                      generator: torch.Generator | None) -> Tensor:
         """The clean latents of ``window``'s chunk, denoised from the pure noise it holds; a student
         draws its re-noising from ``generator``."""
@@ -174,8 +175,8 @@ class RolloutSession:
     - ``timing``: each step appends a :class:`ChunkTiming` to ``timings`` (no host synchronisation:
       on a GPU the marks are CUDA events, read after the loop)."""
 
-    def __init__(self, world: WorldModel, text: Tensor, null_text: Tensor, history: Tensor, sampler: Sampler,
-                 camera: CameraTrack | None = None, generator: torch.Generator | None = None,
+    def __init__(self, world: WorldModel, text: TextConditioning, null_text: TextConditioning, history: Tensor,
+                 sampler: Sampler, camera: CameraTrack | None = None, generator: torch.Generator | None = None,
                  attention: AttentionMode | None = None, chunk_frames: int = 4, *,
                  speed: SpeedOptions | None = None, decode: bool = False, frames_dtype: torch.dtype = torch.uint8,
                  timing: bool = False):
@@ -219,8 +220,7 @@ class RolloutSession:
         with torch.no_grad():
             text = world.backbone.encode_text([prompt]).to(history.device)
             null = world.backbone.encode_text([""]).to(history.device)
-        return cls(world, text.expand(history.shape[0], -1, -1), null, history, sampler or Sampler(), camera,
-                   **kwargs)
+        return cls(world, text.expand(history.shape[0]), null, history, sampler or Sampler(), camera, **kwargs)
 
     @property
     def frames(self) -> int:

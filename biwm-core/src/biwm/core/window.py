@@ -17,11 +17,12 @@ from torch import Tensor, nn
 from biwm.core.camera import CameraTrack
 from biwm.core.protocols import AttentionMode, Backbone, HistoryTokens, grid_positions
 from biwm.core.schedule import add_noise
+from biwm.core.text import TextConditioning
 
 
 @dataclass
 class Window:
-    text: Tensor  # [B, Lt, Dt]
+    text: TextConditioning  # one row per sample (the backbone's encode_text)
     chunk: Tensor  # [B, C, K, h, w] noisy latents
     timestep: Tensor  # [B] the backbone's timestep of the chunk's noise level: backbone.timestep(sigma)
     history: Tensor | None = None  # [B, C, H, h, w] clean latents, H may be 0

@@ -27,6 +27,7 @@ from biwm.core.data import encode_clips, video_frames_for
 from biwm.core.evaluation import EvaluationRun, quality_scores, rollout_video, shuffled_camera
 from biwm.core.metrics import diversity, motion, per_chunk, pose_errors
 from biwm.core.sampling import Sampler
+from biwm.core.text import TextConditioning
 from biwm.core.video import as_uint8
 from biwm.core.window import WorldModel
 from biwm.toyworld.idm import (IDMTrainConfig, InverseDynamicsModel, LoadedIDM, action_accuracy, cache_dir,
@@ -82,9 +83,9 @@ def still_camera_clips(count: int, frames: int, config: ToyWorldConfig, device: 
     return render_clips(seeds, frames, config, actions=torch.zeros(count, frames, dtype=torch.long), device=device)
 
 
-def dynamics_scores(world: WorldModel, text: Tensor, null_text: Tensor, config: ToyWorldConfig, scenes: int,
-                    samples: int, history_frames: int, chunks: int, chunk_frames: int, sampler: Sampler, seed: int,
-                    attention: str | None, device: torch.device, threshold: float = 0.1,
+def dynamics_scores(world: WorldModel, text: TextConditioning, null_text: TextConditioning, config: ToyWorldConfig,
+                    scenes: int, samples: int, history_frames: int, chunks: int, chunk_frames: int, sampler: Sampler,
+                    seed: int, attention: str | None, device: torch.device, threshold: float = 0.1,
                     on_chunk: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Still camera: how much of the image changes in generated vs true frames, and the spread of
     ``samples`` rollouts per scene.
@@ -107,7 +108,7 @@ def dynamics_scores(world: WorldModel, text: Tensor, null_text: Tensor, config: 
     rows = torch.arange(2 * scenes).repeat_interleave(samples)
     history = latents[rows, :, :history_frames].to(device)
     camera = both.camera.select(rows)
-    generated = as_uint8(rollout_video(world, text[:1].expand(len(rows), -1, -1), null_text, history, camera,
+    generated = as_uint8(rollout_video(world, text.select(0).expand(len(rows)), null_text, history, camera,
                                        chunks, chunk_frames, sampler, seed, attention, on_chunk))
     # From the last history frame on, one frame per chunk: each pair is one chunk apart.
     h_video = video_frames_for(history_frames, tf)

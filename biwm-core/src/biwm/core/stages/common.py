@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError
 
 from biwm.core.checkpoint import CorruptFileError, load_model_tensors, load_module_state, read_metadata
 from biwm.core.config import Strict
+from biwm.core.text import TextConditioning
 from biwm.core.window import WorldModel
 
 if TYPE_CHECKING:
@@ -36,10 +37,13 @@ def load_world_model(ctx: "RunContext", init: Path | None = None, strict: bool =
     return world
 
 
-def text_embeddings(world: WorldModel, prompt: str, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def text_embeddings(world: WorldModel, prompt: str, batch: int,
+                    device: torch.device) -> tuple[TextConditioning, TextConditioning]:
+    """``prompt``'s conditioning for a batch of ``batch``, and the empty prompt's (one row: the null
+    condition of classifier-free guidance)."""
     text = world.backbone.encode_text([prompt]).to(device)
     null = world.backbone.encode_text([""]).to(device)
-    return text.expand(batch, -1, -1), null
+    return text.expand(batch), null
 
 
 class DistilledModel(Strict):

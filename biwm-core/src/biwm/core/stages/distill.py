@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from biwm.core.config import InputFile, PluginRef, Strict
 
 if TYPE_CHECKING:
+    from biwm.core.text import TextConditioning
     from biwm.core.window import WorldModel
 
 
@@ -151,8 +152,9 @@ class Distiller:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"generator": self.opt_g, "critic": self.opt_c}
 
-    def iteration(self, it: int, clips: Tensor, camera, text: Tensor, null_text: Tensor, sigmas: Tensor,
-                  rng: torch.Generator, exit_step: int | None = None) -> tuple[Tensor | None, Tensor, int]:
+    def iteration(self, it: int, clips: Tensor, camera, text: TextConditioning, null_text: TextConditioning,
+                  sigmas: Tensor, rng: torch.Generator,
+                  exit_step: int | None = None) -> tuple[Tensor | None, Tensor, int]:
         """One iteration on true clips [B, C, F, h, w] (history then the chunks' true continuation):
         the generator's self-rollout, its update every ``generator_every``-th iteration (then the
         EMA), and the critic's update. ``exit_step`` fixes the backward-simulation exit (default:

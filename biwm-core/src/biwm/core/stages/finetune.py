@@ -16,6 +16,7 @@ import torch
 from pydantic import Field
 
 from biwm.core.config import InputFile, Strict
+from biwm.core.text import TextConditioning
 
 
 class FinetuneConfig(Strict):
@@ -109,8 +110,9 @@ def make_optimizer(world, cfg: FinetuneConfig, fused: bool = False) -> torch.opt
                              betas=(0.9, 0.99), fused=fused or None)
 
 
-def finetune_loss(world, cfg: FinetuneConfig, x0: torch.Tensor, history: torch.Tensor, camera, text: torch.Tensor,
-                  null_text: torch.Tensor, generator: torch.Generator, attention: str | None = None) -> torch.Tensor:
+def finetune_loss(world, cfg: FinetuneConfig, x0: torch.Tensor, history: torch.Tensor, camera,
+                  text: TextConditioning, null_text: TextConditioning, generator: torch.Generator,
+                  attention: str | None = None) -> torch.Tensor:
     """Flow-matching loss of one batch of windows: the chunk noised to a random level, optional
     noise on the history, text and control dropped per sample (for classifier-free guidance).
 
@@ -136,7 +138,7 @@ def finetune_loss(world, cfg: FinetuneConfig, x0: torch.Tensor, history: torch.T
     if cfg.history_sigma_max > 0 and history.shape[2]:
         history_sigma = rand(b) * cfg.history_sigma_max
     drop_text = rand(b) < cfg.text_dropout
-    batch_text = torch.where(drop_text.view(-1, 1, 1), null_text.expand_as(text), text)
+    batch_text = TextConditioning.where(drop_text, null_text, text)
     control_mask = (rand(b) >= cfg.control_dropout).float()
     window = Window(text=batch_text, chunk=add_noise(x0, noise, sigma), timestep=world.backbone.timestep(sigma), history=history,
                     camera=camera, control_mask=control_mask, attention=attention)

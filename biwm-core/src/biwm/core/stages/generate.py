@@ -112,8 +112,8 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
 
     def generate(camera: CameraTrack, label: str, rows: slice = slice(None)) -> torch.Tensor:
         with ctx.console.status(f"rollout ({label}): {cfg.chunks} chunks x {cfg.steps} steps"):
-            video = rollout_video(world, text[rows], null_text, history[rows], camera, cfg.chunks, cfg.chunk_frames,
-                                  sampler, cfg.seed)
+            video = rollout_video(world, text.select(rows), null_text, history[rows], camera, cfg.chunks,
+                                  cfg.chunk_frames, sampler, cfg.seed)
         if video.is_floating_point() and not bool(torch.isfinite(video).all()):
             raise FloatingPointError(f"the rollout ({label}) produced NaN or inf frames with {sampler.describe()}; "
                                      "the model's weights or the sampler settings (cfg_scale, shift) are to blame")
