@@ -58,3 +58,29 @@ def subprocess_env(**extra: str) -> dict:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+def image_shift(before, after) -> tuple[int, int]:
+    """(dy, dx) pixels by which the content of ``after`` [H, W] moved relative to ``before``: the peak of
+    their phase correlation (positive dx: moved right)."""
+    import numpy as np
+
+    a, b = (np.asarray(x, dtype=np.float64) for x in (before, after))
+    cross = np.fft.fft2(b - b.mean()) * np.conj(np.fft.fft2(a - a.mean()))
+    correlation = np.fft.ifft2(cross / (np.abs(cross) + 1e-9)).real
+    peak = np.unravel_index(int(np.argmax(correlation)), correlation.shape)
+    return tuple(int(p if p <= n // 2 else p - n) for p, n in zip(peak, correlation.shape))
+
+
+def true_turn_shift(scene: int, history_frames: int, keys: str) -> list[tuple[int, int]]:
+    """The toy world's own answer: image shifts between consecutive frames of held-out scene ``scene``
+    when ``keys`` continue its ``history_frames`` true frames (as biwm generate / play start it)."""
+    from biwm.core.camera import actions_to_poses, parse_keys
+    from biwm.toyworld.world import render_clips, split_seeds
+
+    seeds = split_seeds("heldout", 1, scene)
+    history = render_clips(seeds, history_frames)
+    future = actions_to_poses(parse_keys(keys)[None], history.camera.c2w[:, -1])
+    clips = render_clips(seeds, history_frames + future.shape[1], c2w=torch.cat([history.camera.c2w, future], 1))
+    gray = clips.frames[0].float().mean(1)
+    return [image_shift(gray[i], gray[i + 1]) for i in range(history_frames - 1, gray.shape[0] - 1)]

@@ -132,6 +132,23 @@ def parse_keys(keys: str) -> Tensor:
     return torch.tensor(labels, dtype=torch.long)
 
 
+def key_frames(keys: str) -> int | None:
+    """Frames a key string like ``w*8,a*3`` stands for, counted without expanding it (a count
+    like ``w*99999999999999`` is a number, not a list); None when it does not parse (parse_keys
+    says why)."""
+    total = 0
+    for raw in keys.split(","):
+        token = "".join(raw.split())
+        _, star, count = token.partition("*")
+        if not star:
+            total += 1
+        elif count.isdigit() and len(count) <= 1000:
+            total += int(count)
+        else:
+            return None
+    return total
+
+
 def _token(label: int) -> str:
     if label == 0:
         return _IDLE_KEY

@@ -25,6 +25,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 EXIT_USAGE = 2
+MAX_KEY_FRAMES = 100_000  # biwm generate --keys: frames of one rollout
 
 
 class LogWith(str, Enum):
@@ -232,6 +233,71 @@ def compare(runs: list[str] = typer.Argument(..., help="NAME=FOLDER pairs; FOLDE
             _fail(f"--setup: {setup} must hold a mapping")
     compare_runs(loaded, out, title, notes.read_text() if notes else "", setup=setup_data)
     console.print(f"[green]✓[/] wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}")
+
+
+@app.command()
+def generate(model: Path = typer.Argument(..., help="model file (with its card), or a run, stage or checkpoint folder"),
+             keys: str = typer.Option(None, "--keys", help="key string, one action per video frame: w/s a/d move, "
+                                      "i/k j/l turn, _ idle, e.g. 'w*8,a*4,j*4'"),
+             poses: Path = typer.Option(None, "--poses", help="JSON file of camera-to-world poses {\"c2w\": [4x4, ...]}, "
+                                        "relative to the last history frame (the OUT.json of a drive)"),
+             history: Path = typer.Option(None, "--history", help="video file: its last frames are the history"),
+             scene: int = typer.Option(None, "--scene", min=0, help="start from held-out scene SCENE of the model's "
+                                       "dataset (default 0; the toy world: the scene of seed 1e9+SCENE)"),
+             chunks: int = typer.Option(None, "--chunks", min=1, help="chunks to generate; the keys or poses must "
+                                        "cover exactly that many (default: as many as they cover)"),
+             out: Path = typer.Option(..., "--out", help="mp4 to write; OUT_strip.png and OUT.json (the trajectory) "
+                                      "beside it"),
+             seed: int = typer.Option(0, help="noise seed"),
+             device: str = typer.Option(None, help="cuda or cpu (default: cuda when available)"),
+             eager: bool = typer.Option(False, "--eager", help="on a GPU: no compiled blocks or decoder")) -> None:
+    """Roll a saved model out under a key string or a pose file, with its own sampler: an mp4, a frame strip
+    and the trajectory used."""
+    import torch
+
+    from biwm.core.camera import key_frames, parse_keys
+    from biwm.core.config import show
+    from biwm.core.driving import DrivableModel, DriveError, chunked, read_poses
+    from biwm.core.runner import RunError, RunNotFound
+
+    if (keys is None) == (poses is None):
+        _fail("give exactly one of --keys and --poses")
+    if history is not None and scene is not None:
+        _fail("give at most one of --history and --scene")
+    if out.suffix.lower() != ".mp4":
+        _fail(f"--out: {out} must end in .mp4")
+    try:
+        if keys is not None:
+            frames = key_frames(keys)  # counted before expanding: 'w*99999999999' is a number, not a list
+            if frames is not None and frames > MAX_KEY_FRAMES:
+                _fail(f"--keys: {show(keys)} gives {frames} frames; at most {MAX_KEY_FRAMES}")
+            try:
+                drive_by = parse_keys(keys)
+            except ValueError as exc:
+                _fail(f"--keys: {exc}")
+        else:
+            drive_by = read_poses(poses)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        with console.status(f"loading {model}"):
+            drivable = DrivableModel(model, device, compile=not eager)
+        n = drivable.chunk_video_frames
+        count = chunked(len(drive_by), n, chunks, "--keys" if keys is not None else f"--poses {poses}")
+        start = drivable.video_start(history) if history is not None else drivable.scene_start(scene or 0)
+        drive = drivable.drive(start, seed)
+        c2w_before = start.camera.c2w[0, -1]
+        with console.status(f"{count} chunks from {start.label} ({drivable.sampler.describe()})") as status:
+            for i in range(count):
+                status.update(f"chunk {i + 1}/{count} from {start.label} ({drivable.sampler.describe()})")
+                part = drive_by[i * n:(i + 1) * n]
+                if keys is not None:
+                    drive.step(part)
+                else:
+                    drive.step_poses(c2w_before.cpu() @ part)
+        written = drive.save(out)
+    except (DriveError, RunNotFound, RunError) as exc:
+        _fail(str(exc))
+    console.print(f"[green]✓[/] wrote {', '.join(map(str, written))} ({drive.generated_frames} frames after "
+                  f"{start.frames.shape[0]} history frames; {drivable.sampler.describe()})", highlight=False)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -16,6 +16,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Wo
     a folder holding one, or a run, stage or checkpoint folder (as ``biwm eval`` takes). A distilled
     generator samples with its own few steps; any other model with the evaluate settings it was made
     with (20 Euler steps, shift 3, no guidance unless its run says otherwise)."""
+    world, sampler, _, _ = load_run_model(path, device)
+    return world, sampler
+
+
+def load_run_model(path: str | Path, device: torch.device | str = "cpu"):
+    """:func:`load_model`'s world model and sampler, with the ``RunContext`` of the recipe they come
+    from (one ``evaluate`` stage: its dataset and settings) and the weights file."""
     from rich.console import Console
 
     from biwm.core.recipe import validate_recipe
@@ -27,5 +34,5 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Wo
     ctx = RunContext(recipe=recipe, run_dir=run_dir, console=Console(quiet=True))
     world = load_world_model(ctx, init=weights, report=False).to(device).eval()
     evaluate = recipe.stages[0]
-    return world, sampler_for(ctx, weights, evaluate.steps, evaluate.shift, evaluate.cfg_scale,
-                              evaluate.history_sigma)
+    sampler = sampler_for(ctx, weights, evaluate.steps, evaluate.shift, evaluate.cfg_scale, evaluate.history_sigma)
+    return world, sampler, ctx, weights

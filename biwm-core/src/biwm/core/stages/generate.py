@@ -39,7 +39,7 @@ class GenerateConfig(Strict):
         return (geometry()[0] if geometry else 1) * self.chunks * self.chunk_frames
 
     def check(self, recipe) -> list[str]:
-        from biwm.core.camera import parse_keys
+        from biwm.core.camera import key_frames, parse_keys
 
         if self.keys is None:
             return []
@@ -57,23 +57,6 @@ class GenerateConfig(Strict):
         except ValueError as exc:
             return [f"keys: {exc}"]
         return []
-
-
-def key_frames(keys: str) -> int | None:
-    """Frames a key string like ``w*8,a*3`` stands for, counted without expanding it (a count
-    like ``w*99999999999999`` is a number, not a list); None when it does not parse (parse_keys
-    says why)."""
-    total = 0
-    for raw in keys.split(","):
-        token = "".join(raw.split())
-        _, star, count = token.partition("*")
-        if not star:
-            total += 1
-        elif count.isdigit() and len(count) <= 1000:
-            total += int(count)
-        else:
-            return None
-    return total
 
 
 def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
