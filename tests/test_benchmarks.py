@@ -111,3 +111,16 @@ def test_train_lab_benchmark_on_cpu_times_every_variant(tmp_path):
 def test_train_lab_benchmark_rejects_unknown_variants():
     proc = run("train_lab.py", "--variants", "before,turbo", "--out", "/tmp/never")
     assert proc.returncode == 2 and "--variants: unknown turbo" in proc.stderr
+
+
+def test_play_benchmark_on_cpu_times_key_changes_through_the_websocket(tmp_path):
+    out = tmp_path / "play"
+    proc = run("play.py", "--preset", "tiny", "--dtype", "float32", "--presses", "3", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "key→frame median (ms)" in proc.stdout
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["presses"] == 3 and data["setup"]["frame"] == [32, 32] and data["setup"]["chunk_video_frames"] == 4
+    latency = data["latency_ms"]
+    # a change is applied from the next chunk on, which takes a whole generation to arrive
+    assert 0.5 * data["chunk_generation_ms_median"] <= latency["min"] <= latency["median"] <= latency["p95"]
+    assert data["frames_received"] >= 4 * 3 and data["fps_delivered"] > 0

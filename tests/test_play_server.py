@@ -135,7 +135,7 @@ def test_second_viewer_is_busy_and_a_tab_closed_mid_chunk_frees_the_session_afte
 def student():
     from biwm.core.driving import DrivableModel
 
-    return DrivableModel(ROOT / "examples" / "weights" / "toyworld-student")
+    return DrivableModel.load(ROOT / "examples" / "weights" / "toyworld-student")
 
 
 def test_record_writes_the_session_video_strip_and_action_log(student, tmp_path):

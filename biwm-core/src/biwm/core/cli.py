@@ -279,7 +279,7 @@ def generate(model: Path = typer.Argument(..., help="model file (with its card),
             drive_by = read_poses(poses)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         with console.status(f"loading {model}"):
-            drivable = DrivableModel(model, device, compile=not eager)
+            drivable = DrivableModel.load(model, device, compile=not eager)
         n = drivable.chunk_video_frames
         count = chunked(len(drive_by), n, chunks, "--keys" if keys is not None else f"--poses {poses}")
         start = drivable.video_start(history) if history is not None else drivable.scene_start(scene or 0)

@@ -55,29 +55,42 @@ def gpu_speed_options(world: WorldModel) -> SpeedOptions:
 
 
 class DrivableModel:
-    """A saved model ready to drive: :func:`biwm.core.load`'s world model and sampler, plus its
-    recipe's dataset and evaluate settings (``history_frames``, ``chunk_frames``, ``fps`` of the
-    written videos). ``speed``: None for the device's default (:func:`gpu_speed_options` on CUDA,
-    the eager model on a CPU); the session applies it."""
+    """A world model ready to drive: its sampler, prompt, history and chunk lengths (``history_frames``,
+    ``chunk_frames``), the frame rate of the videos it writes (``fps``) and the speed options (None:
+    the device's default, :func:`gpu_speed_options` on CUDA and the eager model on a CPU, unless
+    ``compile`` is false); each session applies them. :meth:`load` opens a saved model with its
+    recipe's dataset (``ctx``: held-out scenes to start from, action step sizes) and evaluate
+    settings; a model built in code (benchmarks) has no dataset and starts from a :class:`Start` it
+    is given."""
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu", speed: SpeedOptions | None = None,
-                 compile: bool = True):
+    def __init__(self, world: WorldModel, sampler, device: torch.device | str = "cpu", *, prompt: str = "",
+                 history_frames: int = 4, chunk_frames: int = 4, speed: SpeedOptions | None = None,
+                 compile: bool = True, ctx=None, weights: str | Path = "(built in code)", fps: int = 8):
+        self.device = torch.device(device)
+        self.world, self.sampler, self.ctx, self.weights = world, sampler, ctx, weights
+        self.history_frames, self.chunk_frames, self.fps = history_frames, chunk_frames, fps
+        if speed is None and self.device.type == "cuda" and compile:
+            speed = gpu_speed_options(world)
+        self.speed = speed
+        with torch.no_grad():
+            self.text = world.backbone.encode_text([prompt]).to(self.device)
+            self.null_text = world.backbone.encode_text([""]).to(self.device)
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu", speed: SpeedOptions | None = None,
+             compile: bool = True) -> "DrivableModel":
+        """A saved model (what :func:`biwm.core.load` takes) with its dataset and evaluate settings."""
         from biwm.core.loading import load_run_model
 
-        self.device = torch.device(device)
-        self.world, self.sampler, self.ctx, self.weights = load_run_model(path, self.device)
-        evaluate = self.ctx.recipe.stages[0]
-        self.history_frames, self.chunk_frames = evaluate.history_frames, evaluate.chunk_frames
-        if speed is None and self.device.type == "cuda" and compile:
-            speed = gpu_speed_options(self.world)
-        self.speed = speed
-        self.fps = 8
-        with torch.no_grad():
-            self.text = self.world.backbone.encode_text([self.dataset.prompt]).to(self.device)
-            self.null_text = self.world.backbone.encode_text([""]).to(self.device)
+        world, sampler, ctx, weights = load_run_model(path, device)
+        evaluate = ctx.recipe.stages[0]
+        return cls(world, sampler, device, prompt=ctx.dataset.prompt, history_frames=evaluate.history_frames,
+                   chunk_frames=evaluate.chunk_frames, speed=speed, compile=compile, ctx=ctx, weights=weights)
 
     @property
     def dataset(self):
+        if self.ctx is None:
+            raise DriveError("this model has no dataset to start from: give it a Start")
         return self.ctx.dataset
 
     @property
@@ -94,13 +107,13 @@ class DrivableModel:
         """(move_step, turn_step_deg) the dataset's actions integrate with."""
         from biwm.core.protocols import ActionSteps
 
-        if isinstance(self.dataset, ActionSteps):
+        if self.ctx is not None and isinstance(self.dataset, ActionSteps):
             return self.dataset.move_step, self.dataset.turn_step_deg
         return DEFAULT_MOVE_STEP, DEFAULT_TURN_STEP_DEG
 
     def frame_size(self) -> tuple[int, int] | None:
         """(height, width) of the frames the dataset gives the model, when it says so."""
-        fields = getattr(self.ctx.recipe.data, "frame_size_fields", None)
+        fields = getattr(self.ctx.recipe.data, "frame_size_fields", None) if self.ctx is not None else None
         sizes = fields() if fields else {}
         height = next((v for k, v in sizes.items() if k.endswith("height")), None)
         width = next((v for k, v in sizes.items() if k.endswith("width")), None)

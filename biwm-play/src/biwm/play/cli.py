@@ -29,7 +29,7 @@ def play(model: Path = typer.Argument(..., help="model file (with its card), or 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         with console.status(f"loading {model}"):
-            drivable = DrivableModel(model, device, compile=not eager)
+            drivable = DrivableModel.load(model, device, compile=not eager)
             drivable.scene_start(scene)  # a bad scene or dataset fails here, not in the first page
     except (DriveError, RunNotFound, RunError) as exc:
         _fail(str(exc))
