@@ -28,22 +28,31 @@ def frames_of(mp4) -> np.ndarray:
     return video.reshape(t, h // 4, 4, w // 4, 4).mean((2, 4))
 
 
-@pytest.mark.parametrize("keys, message", [
-    ("l*5", "--keys give 5 frames, not a whole number of chunks of 4 frames; give 4 or 8"),
-    ("l*3", "--keys give 3 frames, not a whole number of chunks of 4 frames; give 4"),
-    ("q*4", "unknown key 'q'"),
-    ("l*99999999999999", "at most 100000"),
+@pytest.mark.parametrize("count, chunks, message", [
+    (5, None, "--keys give 5 frames, not a whole number of chunks of 4 frames; give 4 or 8"),
+    (3, None, "--keys give 3 frames, not a whole number of chunks of 4 frames; give 4 (nothing"),
+    (8, 1, "--keys give 8 frames, but 1 chunks of 4 frames need 4; give exactly 4"),
 ])
-def test_keys_that_do_not_fit_the_rollout_are_errors_that_say_so(keys, message):
-    proc = generate(STUDENT, "--keys", keys, "--out", "/nonexistent/never.mp4")
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+def test_keys_that_do_not_cover_the_rollout_are_errors_that_say_so(count, chunks, message):
+    from biwm.core.driving import DriveError, chunked
+
+    with pytest.raises(DriveError) as info:
+        chunked(count, 4, chunks, "--keys")
+    assert message in str(info.value)
+    assert chunked(8, 4, None, "--keys") == 2 and chunked(8, 4, 2, "--keys") == 2
+
+
+def test_keys_errors_exit_2_with_the_message():
+    for keys, message in [("l*5", "--keys give 5 frames, not a whole number of chunks of 4 frames; give 4 or 8"),
+                          ("q*4", "unknown key 'q'"), ("l*99999999999999", "at most 100000")]:
+        proc = generate(STUDENT, "--keys", keys, "--out", "/nonexistent/never.mp4")
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 def test_usage_errors_name_the_option():
     for args, message in [((), "give exactly one of --keys and --poses"),
                           (("--keys", "w*4", "--poses", "p.json"), "give exactly one of --keys and --poses"),
                           (("--keys", "w*4", "--scene", "1", "--history", "v.mp4"), "at most one of --history"),
-                          (("--keys", "w*8", "--chunks", "1"), "give exactly 4 (nothing is truncated"),
                           (("--poses", "/nonexistent/p.json"), "--poses: /nonexistent/p.json: no such file")]:
         proc = generate(STUDENT, *args, "--out", "/tmp/biwm-never.mp4")
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)

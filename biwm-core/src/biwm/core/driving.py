@@ -208,8 +208,9 @@ class Drive:
         if actions.shape != (n,) or actions.is_floating_point():
             raise DriveError(f"a chunk needs {n} integer action labels, got {actions.dtype} {list(actions.shape)}")
         if self.session.camera is None:
+            self.session.step(None)
             self._log(actions, self._last_pose().expand(n, 4, 4))
-            return self._decoded(self.session.step(None))
+            return self._decoded()
         move, turn = self.model.action_steps
         self.session.step(actions[None].to(self.model.device), move_step=move, turn_step_deg=turn)
         self._log(actions, self.session.camera.c2w[0, -n:])
@@ -225,8 +226,9 @@ class Drive:
         move, turn = self.model.action_steps
         actions = poses_to_actions(c2w[None], move, turn, start_c2w=self._last_pose()[None])[0]
         if self.session.camera is None:
+            self.session.step(None)
             self._log(actions, c2w)
-            return self._decoded(self.session.step(None))
+            return self._decoded()
         keep_actions = self.session.camera.actions is not None
         self.session.step(CameraTrack(c2w[None], self.session.camera.intrinsics,
                                       actions[None] if keep_actions else None))
@@ -237,7 +239,7 @@ class Drive:
         self.actions.extend(int(a) for a in actions.tolist())
         self.c2w.extend(c2w.detach().float().cpu())
 
-    def _decoded(self, _latents: Tensor | None = None) -> Tensor:
+    def _decoded(self) -> Tensor:
         # waits for this chunk's frames (decoded on a side stream with overlap_decode): the next chunk's
         # keys are read only after they are shown, which keeps key-to-frame latency at one chunk
         frames = torch.cat(self.session.finish(), dim=1)[0].permute(0, 3, 1, 2).contiguous()  # [T, 3, H, W]

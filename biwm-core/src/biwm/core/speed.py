@@ -185,8 +185,8 @@ class FrameStream:
     that chunk, converted on the GPU and copied to pinned memory asynchronously: the caller's stream
     goes on with the next chunk, and ``ready()`` hands over finished chunks without blocking.
     Otherwise decoding happens inline and each chunk is on the host when ``submit`` returns.
-    ``pending`` keeps each chunk's frames with the :class:`Clock` mark after which they are in host
-    memory."""
+    ``pending`` keeps each chunk's frames, until they are handed over, with the :class:`Clock` mark
+    after which they are in host memory."""
 
     def __init__(self, decoder, device: torch.device, overlap: bool = True, dtype: torch.dtype = torch.uint8):
         self.decoder = decoder
@@ -194,8 +194,7 @@ class FrameStream:
         self.overlap = overlap and self.clock.cuda
         self.dtype = dtype
         self.stream = torch.cuda.Stream(device) if self.overlap else None
-        self.pending: list[tuple[Tensor, Mark]] = []
-        self.delivered = 0
+        self.pending: list[tuple[Tensor, Mark]] = []  # submitted, not yet handed over
 
     def _decode(self, latents: Tensor) -> Tensor:
         frames = self.decoder.decode(latents)  # [B, 3, T, H, W] in [-1, 1]
@@ -224,20 +223,17 @@ class FrameStream:
         return (start, end), ready
 
     def ready(self) -> list[Tensor]:
-        """Chunks whose frames have arrived since the last call (never waits)."""
+        """Chunks whose frames have arrived since the last call (never waits). Handed-over frames are
+        no longer held here, so an endless session (biwm play) keeps only what is in flight."""
         out = []
-        while self.delivered < len(self.pending):
-            host, arrived = self.pending[self.delivered]
-            if self.overlap and not arrived.query():
-                break
-            out.append(host)
-            self.delivered += 1
+        while self.pending and (not self.overlap or self.pending[0][1].query()):
+            out.append(self.pending.pop(0)[0])
         return out
 
     def finish(self) -> list[Tensor]:
         """Waits for every submitted chunk; returns those not yet handed over."""
         if self.stream is not None:
             self.stream.synchronize()
-        out = [host for host, _ in self.pending[self.delivered:]]
-        self.delivered = len(self.pending)
+        out = [host for host, _ in self.pending]
+        self.pending = []
         return out
