@@ -21,7 +21,7 @@ def play(model: Path = typer.Argument(..., help="model file (with its card), or 
     """Drive a world model from the keyboard in a local web page: W/A/S/D move, I/J/K/L or the arrows turn."""
     import torch
 
-    from biwm.core.cli import _fail, console
+    from biwm.core.cli import console, fail
     from biwm.core.driving import DrivableModel, DriveError
     from biwm.core.runner import RunError, RunNotFound
     from biwm.play.server import PlayServer, listen, serve, url
@@ -32,12 +32,12 @@ def play(model: Path = typer.Argument(..., help="model file (with its card), or 
             drivable = DrivableModel.load(model, device, compile=not eager)
             drivable.scene_start(scene)  # a bad scene or dataset fails here, not in the first page
     except (DriveError, RunNotFound, RunError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     server = PlayServer.for_model(drivable, record_dir, scene, seed)
     try:
         sock = listen(host, port)
     except OSError as exc:
-        _fail(f"--host/--port: cannot listen on {host}:{port}: {exc.strerror or exc}")
+        fail(f"--host/--port: cannot listen on {host}:{port}: {exc.strerror or exc}")
     speed = drivable.speed.describe() if drivable.speed is not None else "eager"
     console.print(f"biwm play: {drivable.weights} on {device} ({drivable.sampler.describe()}; {speed})",
                   highlight=False)
