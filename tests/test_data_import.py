@@ -233,3 +233,52 @@ def test_finetune_from_imported_png_frames_matches_the_toy_world(tmp_path):
     assert all(math.isfinite(v) for pair in losses.values() for v in pair)
     # frame 0's action differs (a pose file has no start pose: idle), nothing else
     assert losses["videos"] == pytest.approx(losses["toyworld"], rel=1e-3), losses
+
+
+def test_inspect_summarises_and_previews(tmp_path):
+    source = export(tmp_path, "keys", "frames", clips=2)
+    do_import(source, tmp_path / "ds", "keys")
+    proc = subprocess.run(biwm_cmd() + ["data", "inspect", str(tmp_path / "ds"), "--json"], capture_output=True,
+                          text=True, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    true = truth(source)["actions"]
+    assert (summary["clips"], summary["frames"], summary["fps"]) == (2, 18, 8.0)
+    assert summary["per_clip"][0]["resolution"] == "32x32"
+    assert summary["actions"]["histogram"] == torch.bincount(true.flatten(), minlength=81).tolist()
+    assert sorted(p.name for p in (tmp_path / "ds" / "inspect").iterdir()) == ["clip0000.mp4", "clip0001.mp4"]
+    from biwm.data.media import read_video
+
+    preview, fps = read_video(tmp_path / "ds" / "inspect" / "clip0000.mp4")
+    assert preview.shape == (9, 128, 128, 3) and fps == 8.0
+
+
+def test_cache_then_finetune_streams_from_it(tmp_path):
+    """biwm data cache encodes every clip with the recipe's backbone (sharded safetensors + index); the
+    finetune stage then streams its batches from there and ends at a finite loss."""
+    import yaml
+
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import run_recipe
+    from biwm.data.cache import read_index
+
+    source = export(tmp_path, "realestate10k", "frames", clips=5, frames=8)
+    do_import(source, tmp_path / "ds", "realestate10k", temporal_factor=1)
+    recipe = tiny_recipe(tmp_path / "run", finetune={"steps": 3, "checkpoint_every": 3})
+    recipe["stages"] = recipe["stages"][:1]
+    recipe["data"] = {"source": "videos", "path": str(tmp_path / "ds"), "frames": 8, "heldout_clips": 1}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run(biwm_cmd() + ["data", "cache", str(tmp_path / "ds"), "--recipe",
+                                        str(tmp_path / "recipe.yaml"), "--clips-per-shard", "2"],
+                          capture_output=True, text=True, env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [folder] = (tmp_path / "ds" / "cache").iterdir()
+    index = read_index(folder)
+    assert sorted(index.clips) == [f"clip{i:04d}" for i in range(5)] and index.prompts == ["a toy room"]
+    assert sorted(p.name for p in folder.glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors",
+                                                             "shard-00002.safetensors"]
+    assert (index.height, index.width, index.clips["clip0004"].latent_frames) == (32, 32, 8)
+    console = Console(file=io.StringIO(), width=300)
+    metrics = run_recipe(validate_recipe(recipe), console=console)["stages"]["finetune"]
+    assert "streaming 4 training clips from the videos dataset's latent cache" in console.file.getvalue()
+    assert metrics["finetune_steps"] == 3 and math.isfinite(metrics["finetune_loss_last"])

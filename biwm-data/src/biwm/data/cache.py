@@ -149,17 +149,22 @@ class LatentShards:
                 yield self.clips(order[start:start + batch_size], latent_frames)
 
 
-def cached_latents(dataset: Path, backbone_key: str, names: list[str], latent_frames: int, temporal_factor: int,
-                   keep_frames: bool = False) -> LatentClips | None:
-    """``names`` from the dataset's cache for this backbone, or None when it has no complete one."""
+def open_cache(dataset: Path, backbone_key: str, temporal_factor: int) -> LatentShards | None:
+    """The dataset's cache for this backbone (at the dataset's frame size), or None."""
     height, width = _frame_size(dataset)
     folder = cache_folder(dataset, backbone_key, height, width)
     index = read_index(folder)
-    if index is None or index.temporal_factor != temporal_factor or not set(names) <= set(index.clips):
+    return LatentShards(folder) if index is not None and index.temporal_factor == temporal_factor else None
+
+
+def cached_latents(dataset: Path, backbone_key: str, names: list[str], latent_frames: int, temporal_factor: int,
+                   keep_frames: bool = False) -> LatentClips | None:
+    """``names`` from the dataset's cache for this backbone, or None when it has no complete one."""
+    shards = open_cache(dataset, backbone_key, temporal_factor)
+    if shards is None or any(shards.index.clips.get(n) is None or shards.index.clips[n].latent_frames < latent_frames
+                             for n in names):
         return None
-    if any(index.clips[n].latent_frames < latent_frames for n in names):
-        return None
-    clips = LatentShards(folder).clips(names, latent_frames)
+    clips = shards.clips(names, latent_frames)
     if keep_frames:
         frames = 1 + temporal_factor * (latent_frames - 1)
         clips.frames = torch.stack([read_clip(dataset, n)["frames"][:frames] for n in names])

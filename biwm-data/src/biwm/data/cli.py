@@ -131,6 +131,8 @@ def data_cache(dataset: Path = typer.Argument(..., help="a dataset folder (biwm 
     key = RunContext(recipe=r, run_dir=Path(r.run_dir)).cache_key()
     backbone = get_plugin_manager().get("backbone", r.model.backbone.name).create(r.resolved["model.backbone"])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(backbone, torch.nn.Module):
+        backbone.to(device)
     with progress_bar(console, "cache", clips) as update:
         folder = build_cache(dataset, backbone, key, clips_per_shard=clips_per_shard, device=device,
                              progress=lambda n: update(advance=n))

@@ -11,6 +11,7 @@ steps the import used (:class:`biwm.core.protocols.ActionSteps`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -91,6 +92,19 @@ class VideosDataset:
         video = torch.stack([t["frames"][:frames] for t in tensors])
         return encode_clips(_Clips(video, camera, list(range(start, start + count))), backbone, device=device,
                             keep_frames=keep_frames)
+
+    def train_batches(self, batch_size: int, latent_frames: int, backbone: Backbone, cache_key: str, seed: int,
+                      rank: int = 0, world_size: int = 1) -> Iterator[LatentClips] | None:
+        """Training batches streamed from the dataset's latent cache (memory-mapped shards, shuffled
+        across them, this rank's share), or None without a cache for this backbone
+        (:class:`biwm.core.protocols.StreamedClips`)."""
+        from biwm.data.cache import open_cache
+
+        shards = open_cache(self.options.path, cache_key, backbone.temporal_factor)
+        names = [c.name for c in self.train]
+        if shards is None or not set(names) <= set(shards.index.clips):
+            return None
+        return shards.batches(names, batch_size, latent_frames, seed, rank, world_size)
 
 
 class _Clips:
