@@ -124,3 +124,13 @@ def test_play_benchmark_on_cpu_times_key_changes_through_the_websocket(tmp_path)
     # a change is applied from the next chunk on, which takes a whole generation to arrive
     assert 0.5 * data["chunk_generation_ms_median"] <= latency["min"] <= latency["median"] <= latency["p95"]
     assert data["frames_received"] >= 4 * 3 and data["fps_delivered"] > 0
+
+
+def test_data_cache_benchmark_on_cpu(tmp_path):
+    proc = run("data_cache.py", "--preset", "tiny", "--clips", "3", "--frames", "9", "--dtype", "float32",
+               "--clips-per-shard", "2", "--out", str(tmp_path / "data_cache"))
+    data = json.loads((tmp_path / "data_cache.json").read_text()) if proc.returncode == 0 else proc.stderr[-2000:]
+    assert isinstance(data, dict), data  # else the benchmark's error output
+    assert (data["clips"], data["frames"], data["height"], data["width"]) == (3, 9, 32, 32), data
+    # the pixel codec keeps every frame: 9 latent frames of 48 x 8 x 8 float32 per clip, plus cameras
+    assert data["clips_per_s"] > 0 and data["cache_bytes_per_clip"] > 9 * 48 * 8 * 8 * 4

@@ -127,7 +127,7 @@ def test_a_distribution_adds_a_dataset_that_the_stages_run_on(site, tmp_path):
 
 def test_an_unknown_source_lists_the_known_ones(site, tmp_path):
     errors = recipe_errors(synth_recipe(tmp_path / "run", source="nope"))
-    assert errors == ["data.source: unknown dataset 'nope'; allowed: synth, toyworld"], errors
+    assert errors == ["data.source: unknown dataset 'nope'; allowed: synth, toyworld, videos"], errors
 
 
 def test_a_bad_option_of_a_plugin_dataset_names_the_field(site, tmp_path):
@@ -146,8 +146,8 @@ def test_a_disabled_toy_world_is_named_in_the_error(monkeypatch, tmp_path):
     data = tiny_recipe(tmp_path / "run")
     del data["data"]  # no data at all: the toy world with its defaults, which is disabled here
     errors = recipe_errors(data)
-    assert errors == ["data.source: unknown dataset 'toyworld'; allowed: (none installed); 'toyworld' is disabled "
-                      "by BIWM_DISABLE_PLUGINS"], errors
+    assert errors == ["data.source: unknown dataset 'toyworld'; allowed: videos; 'toyworld' is disabled "
+                      "by BIWM_DISABLE_PLUGINS"]  # videos: biwm-data's, errors
 
 
 @pytest.fixture
@@ -175,11 +175,11 @@ TOYWORLD_MISSING = ("data.source: unknown dataset 'toyworld'; allowed: {allowed}
 def test_without_biwm_toyworld_a_recipe_of_the_toy_world_says_to_install_it(no_toyworld, tmp_path):
     data = tiny_recipe(tmp_path / "run")
     assert "source" not in data["data"]  # the toy world by default, as every recipe before datasets were plugins
-    assert recipe_errors(data) == [TOYWORLD_MISSING.format(allowed="(none installed)")]
+    assert recipe_errors(data) == [TOYWORLD_MISSING.format(allowed="videos")]
     del data["data"]
-    assert recipe_errors(data) == [TOYWORLD_MISSING.format(allowed="(none installed)")]
+    assert recipe_errors(data) == [TOYWORLD_MISSING.format(allowed="videos")]
     data["data"] = {"source": "toyworld", "frames": 8}
-    assert recipe_errors(data) == [TOYWORLD_MISSING.format(allowed="(none installed)")]
+    assert recipe_errors(data) == [TOYWORLD_MISSING.format(allowed="videos")]
 
     from typer.testing import CliRunner
 
@@ -197,7 +197,7 @@ def test_without_biwm_toyworld_other_datasets_still_validate(no_toyworld, site, 
 
     assert validate_recipe(synth_recipe(tmp_path / "run")).data.source == "synth"
     data = tiny_recipe(tmp_path / "run")
-    assert recipe_errors(data) == [TOYWORLD_MISSING.format(allowed="synth")]
+    assert recipe_errors(data) == [TOYWORLD_MISSING.format(allowed="synth, videos")]
 
 
 def test_the_toy_world_dataset_gives_the_clips_toyworld_latents_gave(tmp_path):

@@ -160,3 +160,52 @@ def test_a_distribution_adds_cli_commands_and_cannot_replace_built_in_ones(tmp_p
         next(r for r in rows if r["name"] == "hello").items()
     missing = cli("hello")
     assert missing.returncode != 0 and "Missing argument 'name'" in missing.stderr
+
+
+GROUP_A = """
+    import typer
+    from biwm.core import hookimpl
+
+    group = typer.Typer()
+
+    @group.command()
+    def ping():
+        print("pong")
+
+    @group.command()
+    def shared():
+        print("a")
+
+    @hookimpl
+    def register_commands(register):
+        register("tool", group, description="A's tools")
+"""
+GROUP_B = GROUP_A.replace('print("pong")', 'print("pang")').replace("def ping", "def pang").replace(
+    'print("a")', 'print("b")').replace("A's tools", "B's tools")
+
+
+def test_two_plugins_share_a_command_group(tmp_path):
+    """Two distributions that both register a ``tool`` group (as biwm-toyworld and biwm-data both add
+    ``biwm data`` subcommands) get one group with the subcommands of both; a subcommand both define
+    stays the first's, with a warning naming both plugins."""
+    site = tmp_path / "site"
+    site.mkdir()
+    make_distribution(site, "biwm-tool-a", "biwm_tool_a", GROUP_A)
+    make_distribution(site, "biwm-tool-b", "biwm_tool_b", GROUP_B)
+    env = subprocess_env(PYTHONPATH=str(site), COLUMNS="200")
+
+    def cli(*args):
+        return subprocess.run(biwm_cmd() + list(args), capture_output=True, text=True, env=env)
+
+    rows = json.loads(cli("list-plugins", "--json").stdout)
+    row = next(r for r in rows if r["name"] == "tool")
+    first, second = row["plugin"].split(", ")  # in the order the entry points loaded
+    assert {first, second} == {"biwm_tool_a", "biwm_tool_b"}
+    assert row["description"] == "; ".join(f"{n[-1].upper()}'s tools" for n in (first, second))
+    assert cli("tool", "ping").stdout.strip() == "pong"
+    assert cli("tool", "pang").stdout.strip() == "pang"
+    out = cli("tool", "shared")
+    assert out.stdout.strip() == first[-1], out.stderr
+    assert (f"plugin {second!r} (biwm-tool-{second[-1]}) registers command 'tool shared', which plugin {first!r} "
+            "already has; left out") in " ".join(out.stderr.split())
+    assert not any(r["status"] == "broken" for r in rows), rows

@@ -26,6 +26,7 @@ import os
 import re
 import traceback
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Callable, Literal
@@ -150,6 +151,44 @@ def _tagged_config(kind: str, name: str, config: type[BaseModel]) -> type[BaseMo
     return range_checked(config)
 
 
+def _is_group(command: Any) -> bool:
+    import typer
+
+    return isinstance(command, typer.Typer)
+
+
+def _merged_groups(first: PluginSpec, group: Any, description: str, status: "PluginStatus") -> PluginSpec:
+    """Two plugins that register a command group under one name (``biwm data``) share it: one group
+    with the subcommands of both. A subcommand name the first already has is left out, with a
+    warning naming both plugins."""
+    import typer
+
+    merged = typer.Typer(help=first.factory.info.help, no_args_is_help=True)
+    merged.registered_commands = list(first.factory.registered_commands)
+    merged.registered_groups = list(first.factory.registered_groups)
+    taken = {_subcommand_name(c) for c in merged.registered_commands} | {_group_name(g) for g in merged.registered_groups}
+    for items, name_of in ((group.registered_commands, _subcommand_name), (group.registered_groups, _group_name)):
+        kept = merged.registered_commands if items is group.registered_commands else merged.registered_groups
+        for item in items:
+            if name_of(item) in taken:
+                warnings.warn(f"plugin {status.name!r} ({status.distribution}) registers command '{first.name} "
+                              f"{name_of(item)}', which plugin {first.plugin!r} already has; left out", stacklevel=1)
+                continue
+            taken.add(name_of(item))
+            kept.append(item)
+    return PluginSpec("command", first.name, merged, first.options, "; ".join(d for d in (first.description,
+                      description) if d), f"{first.plugin}, {status.name}", f"{first.distribution}, {status.distribution}",
+                      f"{first.version}, {status.version}")
+
+
+def _subcommand_name(command: Any) -> str:
+    return command.name or command.callback.__name__.replace("_", "-")
+
+
+def _group_name(group: Any) -> str:
+    return group.name
+
+
 @dataclass
 class PluginStatus:
     """Load status of one plugin module (an entry point or a built-in)."""
@@ -250,6 +289,10 @@ class PluginManager:
 
             def add(name: str, factory: Callable[..., Any] | str, options: type[BaseModel], description: str,
                     _status: PluginStatus = status) -> None:
+                if name in registry and kind == "command" and _is_group(factory) and _is_group(registry[name].factory):
+                    registry[name] = _merged_groups(registry[name], factory, description, _status)
+                    _status.provides.append((kind, name))
+                    return
                 if name in registry:
                     raise ValueError(f"{kind} {name!r} is registered by both {registry[name].plugin!r} and "
                                      f"{_status.name!r}")

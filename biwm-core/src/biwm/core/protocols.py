@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from biwm.core.text import TextConditioning
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
     from biwm.core.camera import CameraTrack
@@ -230,6 +231,20 @@ class ClipSource(Protocol):
         """Clips ``start .. start+count-1`` of ``split``, ``latent_frames`` latent frames each, encoded
         by ``backbone`` (``LatentClips.frames``: the uint8 video frames when ``keep_frames``), cached
         under ``cache_dir`` (None: no cache) by a key that includes ``cache_key``."""
+
+
+@runtime_checkable
+class StreamedClips(Protocol):
+    """Optional on a :class:`ClipSource`: training batches read from storage as they are needed (a
+    latent cache, memory-mapped) instead of every training clip held in memory.
+
+    ``train_batches`` returns an endless iterator of :class:`LatentClips` of ``batch_size`` clips,
+    ``latent_frames`` each, shuffled across the whole training split (this ``rank``'s share of
+    ``world_size``), or None when it has nothing stored for ``cache_key`` (the stage then reads
+    :meth:`ClipSource.latents` as usual)."""
+
+    def train_batches(self, batch_size: int, latent_frames: int, backbone: Backbone, cache_key: str, seed: int,
+                      rank: int = 0, world_size: int = 1) -> "Iterator[LatentClips] | None": ...
 
 
 @runtime_checkable

@@ -62,14 +62,41 @@ def data_toyworld(out: Path = typer.Option(..., "--out", help="output folder"),
                   seed_start: int = typer.Option(0, min=0, help="first seed index within the split"),
                   height: int = typer.Option(None, min=8, help="default: the toy world's, as recipes and the "
                                                                "shipped IDM use it"),
+<<<<<<< HEAD
                   width: int = typer.Option(None, min=8, help="default: the toy world's")) -> None:
     """Render toy-world clips to OUT/clips.safetensors (+ config.json, preview.png)."""
     from biwm.core.cli import console, fail
+=======
+                  width: int = typer.Option(None, min=8, help="default: the toy world's"),
+                  fmt: str = typer.Option(None, "--format", help="also write each clip as a video and a camera file "
+                                          "in this format (realestate10k, poses, keys, biwm-actions; needs "
+                                          "biwm-data), for biwm data import"),
+                  media: str = typer.Option("mp4", help="with --format: mp4 or frames (a folder of PNGs, lossless)"),
+                  lossless: bool = typer.Option(False, help="with --format and mp4: lossless H.264 (libx264rgb, qp 0)"),
+                  temporal_factor: int = typer.Option(4, min=1, help="with --format biwm-actions: video frames per "
+                                                                     "latent frame")) -> None:
+    """Render toy-world clips to OUT/clips.safetensors (+ config.json, preview.png); with --format, as
+    videos and camera files in a peer's format (+ captions.json and the truth in clips.safetensors)."""
+    from biwm.core.cli import console, fail
+>>>>>>> data
     from biwm.toyworld.world import ToyWorldConfig, write_dataset
 
     if split not in ("train", "heldout"):
         fail(f"--split: {split!r} is not allowed; allowed: train, heldout")
     config = ToyWorldConfig(**{k: v for k, v in (("height", height), ("width", width)) if v is not None})
+    if fmt is not None:
+        from biwm.toyworld.export import write_formatted
+
+        if media not in ("mp4", "frames"):
+            fail(f"--media: {media!r} is not allowed; allowed: mp4, frames")
+        try:
+            with console.status(f"rendering {clips} clips x {frames} frames as {fmt}"):
+                write_formatted(out, fmt, clips, frames, config, split=split, seed_start=seed_start, media=media,
+                                lossless=lossless, temporal_factor=temporal_factor)
+        except (ValueError, RuntimeError) as error:
+            fail(str(error))
+        console.print(f"[green]✓[/] wrote {out} ({clips} clips, {fmt}, {media})")
+        return
     with console.status(f"rendering {clips} clips x {frames} frames"):
         path = write_dataset(out, split, clips, frames, config, seed_start=seed_start)
     console.print(f"[green]✓[/] wrote {path}")

@@ -408,12 +408,14 @@ def render_clips(
     actions: Tensor | None = None,
     c2w: Tensor | None = None,
     device: torch.device | str = "cpu",
+    keep_clearance: bool = True,
 ) -> ToyClips:
     """Render one clip per seed.
 
     Cameras come from ``c2w`` [B, T, 4, 4] if given (actions are then the nearest labels, the
     first one idle), else from ``actions`` [B, T] (default: the seeded random policy) applied
-    from the scene's start pose, with moves that would break the clearance dropped.
+    from the scene's start pose, with moves that would break the clearance dropped (unless
+    ``keep_clearance`` is False: then every move happens, through walls and boxes if need be).
     """
     config = config or ToyWorldConfig()
     seeds = [int(seed) for seed in seeds]
@@ -429,7 +431,7 @@ def render_clips(
         if actions.shape != shape:
             raise ValueError(f"actions must be [B, T] = {list(shape)}, got {list(actions.shape)}")
         actions = actions.to(device=device, dtype=torch.long)
-        c2w = actions_to_poses(actions, scenes.start_c2w, is_free=scenes.is_free, **steps)
+        c2w = actions_to_poses(actions, scenes.start_c2w, is_free=scenes.is_free if keep_clearance else None, **steps)
         actions = poses_to_actions(c2w, start_c2w=scenes.start_c2w, **steps)
     else:
         if c2w.shape != (*shape, 4, 4):

@@ -16,6 +16,7 @@ import torch
 from pydantic import Field
 
 from biwm.core.config import InputFile, Strict
+from biwm.core.protocols import StreamedClips
 from biwm.core.text import TextConditioning
 
 
@@ -183,10 +184,18 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     dataset = ctx.dataset
     tf = world.backbone.temporal_factor
     latent_frames = 1 + (dataset.frames - 1) // tf
-    with ctx.console.status(f"reading and encoding {dataset.train_clips} training clips ({recipe.data.source})"):
-        data = dataset.latents("train", dataset.train_clips, latent_frames, world.backbone, ctx.run_dir / "cache",
-                               ctx.cache_key(), device=device)
-    data = data.to(device)  # resident: a step gathers its windows where they are
+    stream = None
+    if isinstance(dataset, StreamedClips):
+        stream = dataset.train_batches(cfg.batch_size, latent_frames, world.backbone, ctx.cache_key(), recipe.seed,
+                                       acc.process_index, acc.num_processes)
+    if stream is not None:
+        ctx.console.print(f"streaming {dataset.train_clips} training clips from the {recipe.data.source} dataset's "
+                          "latent cache")
+    else:
+        with ctx.console.status(f"reading and encoding {dataset.train_clips} training clips ({recipe.data.source})"):
+            data = dataset.latents("train", dataset.train_clips, latent_frames, world.backbone,
+                                   ctx.run_dir / "cache", ctx.cache_key(), device=device)
+        data = data.to(device)  # resident: a step gathers its windows where they are
     text, null_text = text_embeddings(world, dataset.prompt, cfg.batch_size, device)
 
     world, optimizer = acc.prepare(world, optimizer)
@@ -239,7 +248,7 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_at(step) * group["lr_scale"]
             noise_generator.manual_seed(recipe.seed * 1_000_003 + step)
-            x0, history, camera = sample_batch(data, cfg, generator, device)
+            x0, history, camera = sample_batch(next(stream) if stream is not None else data, cfg, generator, device)
             loss = finetune_loss(forward, cfg, x0, history, camera, text, null_text, noise_generator)
             acc.backward(loss)
             grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip)
