@@ -62,11 +62,6 @@ def data_toyworld(out: Path = typer.Option(..., "--out", help="output folder"),
                   seed_start: int = typer.Option(0, min=0, help="first seed index within the split"),
                   height: int = typer.Option(None, min=8, help="default: the toy world's, as recipes and the "
                                                                "shipped IDM use it"),
-<<<<<<< HEAD
-                  width: int = typer.Option(None, min=8, help="default: the toy world's")) -> None:
-    """Render toy-world clips to OUT/clips.safetensors (+ config.json, preview.png)."""
-    from biwm.core.cli import console, fail
-=======
                   width: int = typer.Option(None, min=8, help="default: the toy world's"),
                   fmt: str = typer.Option(None, "--format", help="also write each clip as a video and a camera file "
                                           "in this format (realestate10k, poses, keys, biwm-actions; needs "
@@ -78,7 +73,6 @@ def data_toyworld(out: Path = typer.Option(..., "--out", help="output folder"),
     """Render toy-world clips to OUT/clips.safetensors (+ config.json, preview.png); with --format, as
     videos and camera files in a peer's format (+ captions.json and the truth in clips.safetensors)."""
     from biwm.core.cli import console, fail
->>>>>>> data
     from biwm.toyworld.world import ToyWorldConfig, write_dataset
 
     if split not in ("train", "heldout"):
