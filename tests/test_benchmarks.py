@@ -111,3 +111,19 @@ def test_train_lab_benchmark_on_cpu_times_every_variant(tmp_path):
 def test_train_lab_benchmark_rejects_unknown_variants():
     proc = run("train_lab.py", "--variants", "before,turbo", "--out", "/tmp/never")
     assert proc.returncode == 2 and "--variants: unknown turbo" in proc.stderr
+
+
+def test_both_benchmarks_take_the_hunyuan_presets(tmp_path):
+    """The HunyuanVideo-1.5 presets through the same benchmarks: hunyuan-tiny on the CPU (the GPU run of
+    hunyuanvideo-1.5-480p is for a machine that has one)."""
+    proc = run("rollout.py", "--preset", "hunyuan-tiny", "--seconds", "0.5", "--repeats", "1", "--dtype", "float32",
+               "--variants", "eager", "--out", str(tmp_path / "rollout"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = json.loads((tmp_path / "rollout.json").read_text())["models"]["hunyuan-tiny"]
+    assert model["setup"]["chunks"] == 2 and model["setup"]["chunk_tokens"] == 4 * 16
+    assert model["variants"]["eager"]["fps_sustained"] > 0
+    proc = run("train.py", "--preset", "hunyuan-tiny", "--steps", "1", "--history", "4", "--dtype", "float32",
+               "--parts", "stage1", "--out", str(tmp_path / "train"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "train.json").read_text())
+    assert data["preset"] == "hunyuan-tiny" and data["stage1"]["step_s"] > 0 and data["stage1"]["mfu"] > 0

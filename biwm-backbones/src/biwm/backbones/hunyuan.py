@@ -93,7 +93,8 @@ class HunyuanOptions(BackboneOptions):
         codec, config = PRESETS[self.preset]["codec"], self.transformer_config()
         if codec["kind"] == "pixel":
             return 1, codec["spatial_factor"] * config["patch_size"]
-        return codec["vae"]["temporal_compression_ratio"], codec["vae"]["spatial_compression_ratio"] * config["patch_size"]
+        vae = codec["vae"]
+        return vae["temporal_compression_ratio"], vae["spatial_compression_ratio"] * config["patch_size"]
 
 
 # -- attention ------------------------------------------------------------------------------------
@@ -123,8 +124,8 @@ class WindowAttnProcessor(MaskableProcessor):
         query, key = attn.norm_q(heads(attn.to_q(hidden_states))), attn.norm_k(heads(attn.to_k(hidden_states)))
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
         key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        text_query, text_key = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
-        text_query, text_key = attn.norm_added_q(text_query), attn.norm_added_k(text_key)
+        text_query = attn.norm_added_q(heads(attn.add_q_proj(encoder_hidden_states)))
+        text_key = attn.norm_added_k(heads(attn.add_k_proj(encoder_hidden_states)))
         query, key = torch.cat([query, text_query], 1), torch.cat([key, text_key], 1)
         value = torch.cat([heads(attn.to_v(hidden_states)), heads(attn.add_v_proj(encoder_hidden_states))], 1)
         out = dispatch_attention_fn(query, key, value, attn_mask=self.joint_mask(attention_mask.bool()), dropout_p=0.0,
@@ -281,7 +282,8 @@ class HunyuanTextEncoders(nn.Module):
 
     @classmethod
     def stand_ins(cls, mllm_width: int, byt5_width: int) -> HunyuanTextEncoders:
-        return cls(ByteStandIn(mllm_width, _mllm_prompt, 16, seed=0), ByteStandIn(byt5_width, _glyph_prompt, 16, seed=1))
+        return cls(ByteStandIn(mllm_width, _mllm_prompt, 16, seed=0),
+                   ByteStandIn(byt5_width, _glyph_prompt, 16, seed=1))
 
     @classmethod
     def from_weights(cls, root: Path, dtype: torch.dtype) -> HunyuanTextEncoders:
