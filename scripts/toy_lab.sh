@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The toy lab on one GPU, end to end (issue 13): the stage-1 teacher (examples/toy_lab.yaml, then
 # examples/toy_lab_continue.yaml, then grown from 6 to 12 blocks and trained on with still-camera clips:
-# examples/toy_lab_grow.yaml), a 4-step DMD student from it (examples/toy_lab_student.yaml), the teacher evaluated on 32 held-out
+# examples/toy_lab_grow.yaml, then trained on with more clips: examples/toy_lab_phase4.yaml), a 4-step DMD student from it (examples/toy_lab_student.yaml), the teacher evaluated on 32 held-out
 # trajectories x 20 chunks with the sampler the student is compared against (50 Euler steps, CFG 1.5:
 # 100 NFE per chunk), a probe of the teacher, and docs/results/toy_lab.json from the two evaluations.
 #
@@ -28,7 +28,11 @@ if [ -z "${TEACHER:-}" ]; then
     python scripts/grow_model.py "$runs/teacher2-bf16/model.safetensors" "$runs/grown/model.safetensors" --layers 12
     biwm run examples/toy_lab_grow.yaml --force --set run_dir="$runs/teacher3" \
         --set stages[0].init="$runs/grown/model.safetensors" ${TEACHER_STEPS:+--set stages[0].steps=$TEACHER_STEPS}
-    TEACHER="$runs/teacher3/finetune/model.safetensors"
+    # the measured phase 4 started from the int8 copy of phase 3 that was shipped before (git 5d4b321)
+    python scripts/ship_model.py "$runs/teacher3/finetune/model.safetensors" "$runs/teacher3-int8" --sampler 20:1.5:3 --int8
+    biwm run examples/toy_lab_phase4.yaml --force --set run_dir="$runs/teacher4" \
+        --set stages[0].init="$runs/teacher3-int8/model.safetensors" ${TEACHER_STEPS:+--set stages[0].steps=$TEACHER_STEPS}
+    TEACHER="$runs/teacher4/finetune/model.safetensors"
 fi
 teacher=$(cd "$(dirname "$TEACHER")" && pwd)/$(basename "$TEACHER")
 cfg=${TEACHER_CFG:-1.5}

@@ -31,7 +31,8 @@ class LogWith(str, Enum):
     tensorboard = "tensorboard"
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
+    """Print ``error: message`` and exit with the usage status (2); for plugin commands too."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_USAGE)
 
@@ -69,7 +70,9 @@ def list_plugins(as_json: bool = typer.Option(False, "--json", help="machine-rea
     console.print(table)
 
 
-def _load(recipe: Path, overrides: list[str]):
+def load_recipe_or_exit(recipe: Path, overrides: list[str]):
+    """The recipe at ``recipe`` with ``--set`` overrides, or an error naming the file/field and exit 2;
+    for plugin commands too."""
     from biwm.core.recipe import load_recipe
 
     _warn_broken()  # before the recipe's errors, which a broken or disabled plugin may explain
@@ -111,7 +114,7 @@ SET_OPTION = dict(metavar="KEY=VALUE", help="override a field: key=value (repeat
 def validate(recipe: Path = typer.Argument(..., help="recipe YAML"),
              set_: list[str] = typer.Option([], "--set", **SET_OPTION)) -> None:
     """Check a recipe without running it."""
-    r = _load(recipe, set_)
+    r = load_recipe_or_exit(recipe, set_)
     console.print(f"[green]✓[/] {recipe}: valid ({len(r.stages)} stages: {', '.join(r.stage_names())}; "
                   f"backbone {r.model.backbone.name}, controls {[c.name for c in r.model.controls]}, "
                   f"compressor {r.model.compressor.name}; run_dir {r.run_dir})")
@@ -126,7 +129,7 @@ def _run_errors():
     try:
         yield
     except RunError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @app.command()
@@ -146,8 +149,8 @@ def run(recipe: Path = typer.Argument(..., help="recipe YAML"),
         import importlib.util
 
         if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            _fail("--log-with tensorboard needs the tensorboard package: pip install 'biwm-core[tensorboard]'")
-    r = _load(recipe, set_)
+            fail("--log-with tensorboard needs the tensorboard package: pip install 'biwm-core[tensorboard]'")
+    r = load_recipe_or_exit(recipe, set_)
     with _run_errors():
         metrics = run_recipe(r, resume=resume, console=console, force=force,
                              log_with=log_with.value if log_with else None)
@@ -164,7 +167,7 @@ def _find_run(target: Path) -> tuple[Path, Path]:
     try:
         return find_run(target)
     except RunNotFound as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @app.command("eval")
@@ -208,18 +211,18 @@ def compare(runs: list[str] = typer.Argument(..., help="NAME=FOLDER pairs; FOLDE
     for item in runs:
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
-            _fail(f"{item!r}: expected NAME=FOLDER")
+            fail(f"{item!r}: expected NAME=FOLDER")
         path = Path(folder) / "metrics.json" if Path(folder).is_dir() else Path(folder)
         if not path.is_file():
-            _fail(f"{name}: {path} not found; expected the folder of a biwm eval (or evaluate stage)")
+            fail(f"{name}: {path} not found; expected the folder of a biwm eval (or evaluate stage)")
         metrics = json.loads(path.read_text())
         metrics = metrics.get("stages", {}).get("evaluate", metrics)  # a run's merged metrics.json works too
         if "psnr" not in metrics:
-            _fail(f"{name}: {path} holds no evaluation metrics (no psnr)")
+            fail(f"{name}: {path} holds no evaluation metrics (no psnr)")
         loaded[name] = metrics
     for option, path in (("--notes", notes), ("--setup", setup)):
         if path is not None and not path.is_file():
-            _fail(f"{option}: {path} not found")
+            fail(f"{option}: {path} not found")
     setup_data = None
     if setup is not None:
         import yaml
@@ -227,9 +230,9 @@ def compare(runs: list[str] = typer.Argument(..., help="NAME=FOLDER pairs; FOLDE
         try:
             setup_data = yaml.safe_load(setup.read_text())
         except yaml.YAMLError as e:
-            _fail(f"--setup: {setup} is not valid YAML: {e}")
+            fail(f"--setup: {setup} is not valid YAML: {e}")
         if not isinstance(setup_data, dict):
-            _fail(f"--setup: {setup} must hold a mapping")
+            fail(f"--setup: {setup} must hold a mapping")
     compare_runs(loaded, out, title, notes.read_text() if notes else "", setup=setup_data)
     console.print(f"[green]✓[/] wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}")
 

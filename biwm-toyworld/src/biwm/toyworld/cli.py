@@ -27,16 +27,16 @@ def idm_train(height: int = typer.Option(32, min=8), width: int = typer.Option(3
     The defaults made the shipped 32x32 model (5 minutes on an H100)."""
     import torch
 
-    from biwm.core.cli import _fail, _load, console
+    from biwm.core.cli import console, fail, load_recipe_or_exit
     from biwm.core.runner import progress_bar
     from biwm.toyworld.idm import IDMTrainConfig, cache_dir, idm_key, save_idm, train_idm
     from biwm.toyworld.world import ToyWorldConfig
 
     if recipe:
-        data = _load(recipe, []).data
+        data = load_recipe_or_exit(recipe, []).data
         config = getattr(data, "toyworld", None)
         if config is None:
-            _fail(f"{recipe}: data.source is {data.source!r}, not the toy world; the IDM is trained on toy-world "
+            fail(f"{recipe}: data.source is {data.source!r}, not the toy world; the IDM is trained on toy-world "
                   "renderings")
     else:
         config = ToyWorldConfig(height=height, width=width)
@@ -64,11 +64,11 @@ def data_toyworld(out: Path = typer.Option(..., "--out", help="output folder"),
                                                                "shipped IDM use it"),
                   width: int = typer.Option(None, min=8, help="default: the toy world's")) -> None:
     """Render toy-world clips to OUT/clips.safetensors (+ config.json, preview.png)."""
-    from biwm.core.cli import _fail, console
+    from biwm.core.cli import console, fail
     from biwm.toyworld.world import ToyWorldConfig, write_dataset
 
     if split not in ("train", "heldout"):
-        _fail(f"--split: {split!r} is not allowed; allowed: train, heldout")
+        fail(f"--split: {split!r} is not allowed; allowed: train, heldout")
     config = ToyWorldConfig(**{k: v for k, v in (("height", height), ("width", width)) if v is not None})
     with console.status(f"rendering {clips} clips x {frames} frames"):
         path = write_dataset(out, split, clips, frames, config, seed_start=seed_start)
