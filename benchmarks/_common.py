@@ -17,8 +17,15 @@ from typing import Any, Callable
 
 import torch
 
-# Frame size and video frame rate of each release (Wan2.1: 832x480 at 16 fps; Wan2.2-TI2V-5B: 1280x704 at 24 fps).
-SIZES = {"tiny": (32, 32, 16), "wan2.1-t2v-1.3b": (480, 832, 16), "wan2.2-ti2v-5b": (704, 1280, 24)}
+# Frame size and video frame rate of each release (Wan2.1: 832x480 at 16 fps; Wan2.2-TI2V-5B: 1280x704 at 24 fps;
+# HunyuanVideo-1.5 480p: 848x480, the diffusers pipeline's default 16:9 size for target size 640, at 24 fps, the
+# release's 121 frames in 5 s; diffusers' example exports at 15).
+SIZES = {"tiny": (32, 32, 16), "wan2.1-t2v-1.3b": (480, 832, 16), "wan2.2-ti2v-5b": (704, 1280, 24),
+         "hunyuan-tiny": (32, 32, 16), "hunyuanvideo-1.5-480p": (480, 848, 24)}
+# The backbone plugin and its preset behind each benchmark preset ("tiny" is Wan's).
+BACKBONES = {"tiny": ("wan", "tiny"), "wan2.1-t2v-1.3b": ("wan", "wan2.1-t2v-1.3b"),
+             "wan2.2-ti2v-5b": ("wan", "wan2.2-ti2v-5b"), "hunyuan-tiny": ("hunyuan", "tiny"),
+             "hunyuanvideo-1.5-480p": ("hunyuan", "hunyuanvideo-1.5-480p")}
 KEYS = "w*24,wd*16,d*12,wj*16,w*20,a*12,wl*12,s*8"  # a scripted keyboard session, repeated as needed
 
 
@@ -32,11 +39,12 @@ def build_world(preset: str, device: torch.device, dtype: str = "bfloat16", comp
 
     pm = get_plugin_manager()
     torch.manual_seed(seed)
-    options = {"preset": preset, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing}
-    if preset != "tiny":
+    name, backbone_preset = BACKBONES[preset]
+    options = {"preset": backbone_preset, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing}
+    if backbone_preset != "tiny":
         options["random_init"] = True
     with torch.device(device):  # initialise the weights where they will live (seconds, not minutes, at 5B)
-        backbone = pm.get("backbone", "wan").create(options)
+        backbone = pm.get("backbone", name).create(options)
         controls = {name: pm.get("control", name).create({}, backbone=backbone) for name in ("actions", "plucker")}
         comp = pm.get("compressor", compressor).create({}, backbone=backbone)
         world = WorldModel(backbone, controls, comp).to(device)
@@ -48,8 +56,9 @@ def build_world(preset: str, device: torch.device, dtype: str = "bfloat16", comp
 
 def latent_grid(world, height: int, width: int) -> tuple[int, int]:
     s = world.backbone.spatial_factor
-    if height % (s * 2) or width % (s * 2):
-        raise SystemExit(f"error: --height/--width must be multiples of {2 * s} for this backbone")
+    token = s * max(world.backbone.patch_size[1:])  # pixels per token side
+    if height % token or width % token:
+        raise SystemExit(f"error: --height/--width must be multiples of {token} for this backbone")
     return height // s, width // s
 
 

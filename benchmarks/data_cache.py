@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SIZES, base_parser, environment, peak_memory_gb, reset_memory, synchronize, write_json  # noqa: E402
+from _common import BACKBONES, SIZES, base_parser, environment, peak_memory_gb, reset_memory, synchronize, write_json  # noqa: E402
 
 
 def synthetic_dataset(folder: Path, clips: int, frames: int, height: int, width: int) -> None:
@@ -59,11 +59,12 @@ def main() -> None:
 
     height, width = args.height or SIZES[args.preset][0], args.width or SIZES[args.preset][1]
     device = torch.device(args.device)
-    options = {"preset": args.preset, "dtype": args.dtype}
-    if args.preset != "tiny":
+    family, preset = BACKBONES[args.preset]
+    options = {"preset": preset, "dtype": args.dtype}
+    if preset != "tiny":
         options["random_init"] = True
     with torch.device(device):
-        backbone = get_plugin_manager().get("backbone", "wan").create(options)
+        backbone = get_plugin_manager().get("backbone", family).create(options)
     backbone.to(device)
     work = Path(tempfile.mkdtemp(prefix="biwm-data-cache-"))
     try:

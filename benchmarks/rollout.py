@@ -4,6 +4,7 @@ of video. Random weights (speed does not depend on them).
 
     python benchmarks/rollout.py --preset wan2.1-t2v-1.3b --out docs/results/gpu_rollout_h100
     python benchmarks/rollout.py --preset wan2.2-ti2v-5b --out docs/results/gpu_rollout_h100
+    python benchmarks/rollout.py --preset hunyuanvideo-1.5-480p --out docs/results/gpu_rollout_h200
     python benchmarks/rollout.py --preset tiny --seconds 2 --out /tmp/rollout   # CPU smoke run
 
 Each variant is a set of speed options (``biwm.core.speed``) given to a

@@ -7,5 +7,5 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q "torch==2.13.0"   # first, so nothing below pulls another torch build
-python -m pip install -q -e "./biwm-core[lora,test]" -e "./biwm-backbones[wan]" -e ./biwm-compressors -e ./biwm-losses \
+python -m pip install -q -e "./biwm-core[lora,test]" -e "./biwm-backbones[wan,hunyuan]" -e ./biwm-compressors -e ./biwm-losses \
     -e ./biwm-quant -e ./biwm-toyworld -e ./biwm-data -e "./biwm-play[test]" pytest

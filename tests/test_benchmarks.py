@@ -134,3 +134,19 @@ def test_data_cache_benchmark_on_cpu(tmp_path):
     assert (data["clips"], data["frames"], data["height"], data["width"]) == (3, 9, 32, 32), data
     # the pixel codec keeps every frame: 9 latent frames of 48 x 8 x 8 float32 per clip, plus cameras
     assert data["clips_per_s"] > 0 and data["cache_bytes_per_clip"] > 9 * 48 * 8 * 8 * 4
+
+
+def test_both_benchmarks_take_the_hunyuan_presets(tmp_path):
+    """The HunyuanVideo-1.5 presets through the same benchmarks: hunyuan-tiny on the CPU (the GPU run of
+    hunyuanvideo-1.5-480p is for a machine that has one)."""
+    proc = run("rollout.py", "--preset", "hunyuan-tiny", "--seconds", "0.5", "--repeats", "1", "--dtype", "float32",
+               "--variants", "eager", "--out", str(tmp_path / "rollout"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    model = json.loads((tmp_path / "rollout.json").read_text())["models"]["hunyuan-tiny"]
+    assert model["setup"]["chunks"] == 2 and model["setup"]["chunk_tokens"] == 4 * 16
+    assert model["variants"]["eager"]["fps_sustained"] > 0
+    proc = run("train.py", "--preset", "hunyuan-tiny", "--steps", "1", "--history", "4", "--dtype", "float32",
+               "--parts", "stage1", "--out", str(tmp_path / "train"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "train.json").read_text())
+    assert data["preset"] == "hunyuan-tiny" and data["stage1"]["step_s"] > 0 and data["stage1"]["mfu"] > 0

@@ -9,3 +9,8 @@ def register_backbones(register):
 
     register("wan", build_wan, options=WanOptions,
              description="Wan2.1/Wan2.2 video DiT via diffusers (presets: tiny, toy, wan2.1-t2v-1.3b, wan2.2-ti2v-5b)")
+
+    from biwm.backbones.hunyuan import HunyuanOptions, build_hunyuan
+
+    register("hunyuan", build_hunyuan, options=HunyuanOptions,
+             description="HunyuanVideo-1.5 video DiT via diffusers (presets: tiny, hunyuanvideo-1.5-480p)")

@@ -9,25 +9,20 @@ embeddings. Nothing of the model is copied.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
-from biwm.core.checkpoint import read_json_object
 from biwm.core.config import InputDir
 from biwm.core.protocols import BlockOutput
-from biwm.core.schedule import timestep as schedule_timestep
 from biwm.core.text import TextConditioning, TextEncoding
 
 from biwm.backbones.codecs import ByteTextEncoder, PixelCodec
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-# diffusers' attention-dispatch names of PyTorch's SDPA kernels (SpeedOptions.attention)
-ATTENTION_KERNELS = {"auto": "native", "flash": "_native_flash", "cudnn": "_native_cudnn",
-                     "efficient": "_native_efficient", "math": "_native_math"}
+from biwm.backbones.common import (DTYPES, BackboneConfigError, BackboneOptions, DiffusersBackbone,
+                                   MaskableProcessor, cast_like_from_pretrained, channels_last_conv3d,
+                                   transformer_dir)
 
 # Exact published shapes (diffusers-format configs of the Wan-AI releases).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -62,11 +57,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                                               scale_factor_spatial=16, scale_factor_temporal=4)},
     },
 }
-_SHAPE_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "ffn_dim")
 
 
-class WanOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class WanOptions(BackboneOptions):
+    FAMILY: ClassVar[str] = "Wan"
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+    SHAPE_KEYS: ClassVar[tuple[str, ...]] = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels",
+                                             "ffn_dim")
+    PART_NAMES: ClassVar[dict[str, str]] = {"vae": "VAE", "text_encoder": "text encoder (a byte stand-in)",
+                                            "tokenizer": "tokenizer"}
 
     preset: Literal["tiny", "toy", "wan2.1-t2v-1.3b", "wan2.2-ti2v-5b"] = Field(
         "tiny", description="model size: tiny (tests: CPU, pixel codec), toy (the toy lab's model, pixel codec) or "
@@ -74,110 +73,24 @@ class WanOptions(BaseModel):
     weights: InputDir | None = Field(
         None, description="local diffusers-format directory (transformer/, vae/, text_encoder/, tokenizer/); "
                           "for tiny, a directory saved by `save_pretrained` of the transformer")
-    random_init: bool = Field(False, description="real-size preset with random weights (speed/memory benchmarks)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    gradient_checkpointing: bool = False
-    overrides: dict[str, Any] = Field(default_factory=dict,
-                                      description="transformer config overrides (pixel-codec presets only)")
-
-    @model_validator(mode="after")
-    def _check_weights(self) -> "WanOptions":
-        """Catch a wrong or mismatched weights folder when the recipe is validated, not mid-run."""
-        if self.overrides and PRESETS[self.preset]["codec"]["kind"] != "pixel":
-            raise ValueError("overrides: only the pixel-codec presets (tiny, toy) may change their shape")
-        if self.weights is not None:
-            tdir = _transformer_dir(Path(self.weights))
-            expected = {**PRESETS[self.preset]["transformer"], **self.overrides}
-            config = read_json_object(tdir / "config.json", "a diffusers model config")
-            _check_shape(config, expected, self.preset, tdir)
-            problems = [p for p in [_weights_file_problem(tdir)] if p]
-            missing = self.missing_parts()
-            if missing and not self.random_init:
-                problems.append(
-                    f"{self.weights} has no {', '.join(f'{m}/' for m in missing)}: preset {self.preset!r} would run "
-                    f"with a random {' and a random '.join(_PART_NAMES[m] for m in missing)}; add "
-                    f"{'them' if len(missing) > 1 else 'it'} from the release, or set random_init: true for "
-                    "speed/memory runs")
-            if PRESETS[self.preset]["codec"]["kind"] != "pixel" and "vae" not in missing:
-                problems += [p for p in [_weights_file_problem(Path(self.weights) / "vae")] if p]
-            if problems:
-                raise WanConfigError("; ".join(problems))
-        elif PRESETS[self.preset]["codec"]["kind"] != "pixel" and not self.random_init:
-            raise ValueError(f"weights: preset {self.preset!r} needs a local diffusers-format directory "
-                             "(or random_init: true for speed/memory runs)")
-        return self
-
-    def missing_parts(self) -> list[str]:
-        """Sub-folders a real (VAE) preset needs beside the transformer that ``weights`` lacks:
-        ``vae``, ``text_encoder``, ``tokenizer`` (all of them without ``weights``)."""
-        if PRESETS[self.preset]["codec"]["kind"] == "pixel":
-            return []
-        if self.weights is None:
-            return list(_PART_NAMES)
-        root = Path(self.weights)
-        return [part for part in _PART_NAMES if not ((root / part / "config.json").is_file() if part == "vae"
-                                                     else (root / part).is_dir() and any((root / part).iterdir()))]
 
     def frame_geometry(self) -> tuple[int, int]:
         """(video frames per latent frame, the number frame height and width must be multiples of:
         the codec's spatial factor times the patch size)."""
         codec = PRESETS[self.preset]["codec"]
-        patch = tuple({**PRESETS[self.preset]["transformer"], **self.overrides}["patch_size"])
+        patch = tuple(self.transformer_config()["patch_size"])
         if codec["kind"] == "pixel":
             return 1, codec["spatial_factor"] * max(patch[1:])
         return codec["vae"]["scale_factor_temporal"], codec["vae"]["scale_factor_spatial"] * max(patch[1:])
 
 
-class WanConfigError(ValueError):
-    pass
-
-
-def _transformer_dir(weights: Path) -> Path:
-    if not weights.is_dir():
-        raise WanConfigError(f"directory not found: {weights} "
-                             "(expected a diffusers-format Wan directory with transformer/config.json)")
-    for candidate in (weights / "transformer", weights):
-        if (candidate / "config.json").is_file():
-            return candidate
-    raise WanConfigError(f"{weights} has no transformer/config.json or "
-                         "config.json (expected a diffusers-format Wan directory)")
-
-
-_PART_NAMES = {"vae": "VAE", "text_encoder": "text encoder (a byte stand-in)", "tokenizer": "tokenizer"}
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
-
-
-def _weights_file_problem(folder: Path) -> str | None:
-    """Why a diffusers model folder cannot load (no safetensors weights, single or sharded), or None."""
-    if any((folder / name).is_file() for name in _WEIGHT_FILES):
-        return None
-    others = sorted(p.name for p in folder.glob("diffusion_pytorch_model*"))
-    return (f"{folder} has config.json but no weights file ({' or '.join(_WEIGHT_FILES)})"
-            + (f"; found {', '.join(others)}, but only safetensors weights are loaded" if others else ""))
-
-
-def _check_shape(config: dict[str, Any], expected: dict[str, Any], preset: str, where: Path) -> None:
-    wrong = [f"{k} is {config.get(k)}, expected {expected[k]}" for k in _SHAPE_KEYS
-             if k in expected and config.get(k) != expected[k]]
-    if wrong:
-        raise WanConfigError(f"{where} does not match preset {preset!r}: "
-                             + "; ".join(wrong))
-
-
-class MaskableWanAttnProcessor:
+class MaskableWanAttnProcessor(MaskableProcessor):
     """diffusers' WanAttnProcessor, plus an attention mask set per window (the blocks pass none)."""
 
     def __init__(self) -> None:
         from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-        self.inner = WanAttnProcessor()
-        self.mask: Tensor | None = None
-
-    # diffusers' set_attention_backend and parallel config set these on the processor: pass them through
-    _attention_backend = property(lambda self: self.inner._attention_backend,
-                                  lambda self, value: setattr(self.inner, "_attention_backend", value))
-    _parallel_config = property(lambda self: self.inner._parallel_config,
-                                lambda self, value: setattr(self.inner, "_parallel_config", value))
+        super().__init__(WanAttnProcessor())
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         mask = self.mask if attention_mask is None else attention_mask
@@ -219,9 +132,7 @@ class WanVAECodec(nn.Module):
         """The decoder's Conv3d weights in channels-last (NDHWC) layout: cuDNN's bf16 kernels then
         produce channels-last activations instead of transposing before and after each convolution
         (the Conv2d of the spatial upsamplers keep their layout)."""
-        for module in self.vae.decoder.modules():
-            if isinstance(module, nn.Conv3d):
-                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        channels_last_conv3d(self.vae.decoder)
 
     def compile_decoder(self, **kwargs: Any) -> None:
         """torch.compile the decoder's one-latent-frame step, the unit streaming decode runs: one graph
@@ -287,39 +198,23 @@ class UMT5TextEncoder(nn.Module):
         return TextEncoding(self.encoder(ids, mask).last_hidden_state, mask.bool())
 
 
-class WanBackbone(nn.Module):
+class WanBackbone(DiffusersBackbone):
     """The Backbone protocol over a diffusers WanTransformer3DModel. Its text conditioning has one
     encoder, ``TEXT_ENCODER`` (UMT5, or the byte stand-in of the pixel-codec presets)."""
 
     TEXT_ENCODER = "t5"
 
-    random_parts: list[str] = []  # parts of a real preset built with random weights (random_init: true)
-
     def __init__(self, transformer: nn.Module, codec: nn.Module, text_encoder: nn.Module, preset: str):
-        super().__init__()
-        self.transformer = transformer
-        self.codec = codec
-        self.text_encoder = text_encoder
-        self.preset = preset
+        super().__init__(transformer, codec, text_encoder, preset)
         cfg = transformer.config
-        self.hidden_dim = cfg.num_attention_heads * cfg.attention_head_dim
         self.latent_channels = cfg.in_channels
         self.patch_size = tuple(cfg.patch_size)
-        self.temporal_factor = codec.temporal_factor
-        self.spatial_factor = codec.spatial_factor
         if codec.latent_channels != cfg.in_channels:
-            raise WanConfigError(f"transformer in_channels={cfg.in_channels} does not match the codec's "
-                                 f"{codec.latent_channels} latent channels")
-        self._processors = []
-        for block in transformer.blocks:
-            proc = MaskableWanAttnProcessor()
-            block.attn1.set_processor(proc)
-            self._processors.append(proc)
+            raise BackboneConfigError(f"transformer in_channels={cfg.in_channels} does not match the codec's "
+                                      f"{codec.latent_channels} latent channels")
+        self.install_processors([block.attn1 for block in transformer.blocks], MaskableWanAttnProcessor)
 
-    # -- Backbone protocol -------------------------------------------------------------------
-    def trainable(self) -> nn.Module:
-        return self.transformer
-
+    # -- Backbone protocol (the rest: DiffusersBackbone) -------------------------------------
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.patch_embedding.weight.dtype
@@ -372,18 +267,10 @@ class WanBackbone(nn.Module):
             temb = temb + modulation.to(temb.dtype)
             proj = embedder.time_proj(embedder.act_fn(temb))
         proj = proj.unflatten(2, (6, -1))
-        for proc in self._processors:
-            proc.mask = attention_mask
         hidden = tokens.to(self.dtype)
-        try:
+        with self.window_mask(attention_mask):
             for block in tr.blocks:
-                if torch.is_grad_enabled() and tr.gradient_checkpointing:
-                    hidden = tr._gradient_checkpointing_func(block, hidden, text_states, proj, rotary)
-                else:
-                    hidden = block(hidden, text_states, proj, rotary)
-        finally:
-            for proc in self._processors:
-                proc.mask = None
+                hidden = self.run_block(block, hidden, text_states, proj, rotary)
         return BlockOutput(hidden=hidden, temb=temb)
 
     def unembed(self, out: BlockOutput, grid: tuple[int, int, int]) -> Tensor:
@@ -396,47 +283,9 @@ class WanBackbone(nn.Module):
         hidden = hidden.reshape(hidden.shape[0], f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return hidden.flatten(6, 7).flatten(4, 5).flatten(2, 3).float()
 
-    def encode_video(self, frames: Tensor) -> Tensor:
-        return self.codec.encode(frames)
-
-    def decode_video(self, latents: Tensor) -> Tensor:
-        return self.codec.decode(latents)
-
-    def stream_decoder(self):
-        return self.codec.stream_decoder()
-
     def block_modules(self) -> nn.ModuleList:
         """The transformer blocks in order (losses that read hidden states hook them)."""
         return self.transformer.blocks
-
-    def set_attention_kernel(self, name: str) -> None:
-        """Make every attention call use one of PyTorch's SDPA kernels (``ATTENTION_KERNELS``; "auto":
-        PyTorch's choice), through diffusers' attention dispatcher."""
-        import logging
-
-        from diffusers.utils import logging as diffusers_logging
-
-        if name not in ATTENTION_KERNELS:
-            raise ValueError(f"attention kernel {name!r}: expected one of {', '.join(ATTENTION_KERNELS)}")
-        level = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity(logging.ERROR)  # it warns that the dispatcher is experimental on every call
-        try:
-            self.transformer.set_attention_backend(ATTENTION_KERNELS[name])
-        finally:
-            diffusers_logging.set_verbosity(level)
-
-    def compile_decoder(self, **kwargs: Any) -> None:
-        """torch.compile the VAE decoder (the pixel codec of tiny presets has nothing to compile)."""
-        if isinstance(self.codec, WanVAECodec):
-            self.codec.compile_decoder(**kwargs)
-
-    def channels_last_decoder(self) -> None:
-        """Channels-last convolutions in the VAE decoder (nothing to do for the pixel codec)."""
-        if isinstance(self.codec, WanVAECodec):
-            self.codec.channels_last_decoder()
-
-    def timestep(self, sigma: Tensor) -> Tensor:
-        return schedule_timestep(sigma)  # Wan's convention: 1000 sigma
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> TextConditioning:
@@ -444,28 +293,16 @@ class WanBackbone(nn.Module):
         return TextConditioning({self.TEXT_ENCODER: TextEncoding(enc.embeds.float(), enc.mask)})
 
 
-def _cast_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``dtype`` everywhere except the modules diffusers keeps in float32 (norms, time embedding,
-    modulation table), as ``from_pretrained(torch_dtype=dtype)`` loads a released checkpoint."""
-    nn.Module.to(model, dtype)  # ModelMixin.to would warn about exactly the modules restored below
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    if dtype != torch.float32:
-        for name, module in model.named_modules():
-            if keep & set(name.split(".")):
-                module.float()
-    return model
-
-
 def build_wan(options: WanOptions, **_: Any) -> WanBackbone:
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     preset = PRESETS[options.preset]
-    dtype = _DTYPES[options.dtype]
+    dtype = DTYPES[options.dtype]
     if options.weights is not None:
-        transformer = WanTransformer3DModel.from_pretrained(_transformer_dir(Path(options.weights)), torch_dtype=dtype)
+        transformer = WanTransformer3DModel.from_pretrained(transformer_dir(Path(options.weights), "Wan"),
+                                                           torch_dtype=dtype)
     else:
-        config = {**preset["transformer"], **options.overrides}
-        transformer = _cast_like_from_pretrained(WanTransformer3DModel(**config), dtype)
+        transformer = cast_like_from_pretrained(WanTransformer3DModel(**options.transformer_config()), dtype)
     if options.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
 
@@ -487,5 +324,5 @@ def build_wan(options: WanOptions, **_: Any) -> WanBackbone:
     backbone = WanBackbone(transformer, codec, text_encoder, options.preset)
     if codec_cfg["kind"] != "pixel":  # printed by the runner: random parts only come with random_init
         backbone.random_parts = (["transformer"] if options.weights is None else []) + [
-            _PART_NAMES[p] for p in options.missing_parts() if p != "tokenizer"]
+            options.PART_NAMES[p] for p in options.missing_parts() if p != "tokenizer"]
     return backbone

@@ -148,7 +148,9 @@ class CompilableDecoder(Protocol):
 
 @runtime_checkable
 class BlockAccess(Protocol):
-    """A backbone that hands out its transformer blocks in order (for losses that read hidden states)."""
+    """A backbone that hands out its transformer blocks in order (for losses that read hidden states):
+    modules called once per block on a window, each returning the video tokens' hidden states [B, L, D],
+    or a tuple that starts with them (dual-stream blocks also return the text stream's)."""
 
     def block_modules(self) -> list[nn.Module]: ...
 

@@ -64,7 +64,9 @@ class GAN(nn.Module):
         """One logit per sample: the critic runs on ``window`` and the head reads its blocks."""
         modules = critic.backbone.block_modules()
         captured: dict[int, Tensor] = {}
-        hooks = [modules[b].register_forward_hook(lambda _m, _i, out, b=b: captured.__setitem__(b, out))
+        # a dual-stream block (HunyuanVideo-1.5) returns (video, text) hidden states: the head reads the video's
+        hooks = [modules[b].register_forward_hook(
+            lambda _m, _i, out, b=b: captured.__setitem__(b, out[0] if isinstance(out, tuple) else out))
                  for b in self.blocks]
         try:
             critic(window)
