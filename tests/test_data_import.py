@@ -1,7 +1,8 @@
 """biwm-data: the toy world written in each peer format (``biwm data toyworld --format``) imports
 back to its true poses (1e-4) and action labels; bad media get an exit-2 error naming the file;
 ``--skip-bad`` imports the rest and reports; a failed import leaves nothing; a finetune from the
-imported dataset reaches the toy world's own loss."""
+imported dataset reaches the toy world's own loss; clips of different captions are each conditioned
+on their own (finetune, distill, generate; cached or not); a streamed pass visits each clip once."""
 
 from __future__ import annotations
 
@@ -282,3 +283,222 @@ def test_cache_then_finetune_streams_from_it(tmp_path):
     metrics = run_recipe(validate_recipe(recipe), console=console)["stages"]["finetune"]
     assert "streaming 4 training clips from the videos dataset's latent cache" in console.file.getvalue()
     assert metrics["finetune_steps"] == 3 and math.isfinite(metrics["finetune_loss_last"])
+
+
+# ----------------------------------------------------------------------------- per-clip captions, streaming
+
+CAPTIONS = {"clip0000": "a red room", "clip0001": "a blue hall", "clip0002": "a red room", "clip0003": "a green yard",
+            "clip0004": "a grey attic"}  # clip0004 is held out
+
+
+def captioned_recipe(dataset, run_dir, layers=2, **stages):
+    """A tiny recipe on ``dataset`` (4 training clips, 1 held out); ``layers`` changes the cache key."""
+    recipe = tiny_recipe(run_dir)
+    recipe["model"]["backbone"]["options"]["overrides"]["num_layers"] = layers
+    recipe["data"] = {"source": "videos", "path": str(dataset), "frames": 8, "heldout_clips": 1}
+    recipe["stages"] = [stages[name] | {"stage": name} for name in stages]
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory):
+    """An imported dataset of 5 clips, 4 distinct captions (clip0000 and clip0002 share one), cached by the
+    tiny backbone in 3 shards; returns (dataset, the cache folder, the cached tensors, the backbone)."""
+    from biwm.core.checkpoint import load_tensors
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import RunContext
+    from biwm.data.cache import build_cache
+
+    tmp_path = tmp_path_factory.mktemp("captioned")
+    source = export(tmp_path, "poses", "frames", clips=5, frames=8)
+    (source / "captions.json").write_text(json.dumps(CAPTIONS))
+    do_import(source, tmp_path / "ds", "poses", temporal_factor=1)
+    recipe = validate_recipe(captioned_recipe(tmp_path / "ds", tmp_path / "run", finetune={}))
+    ctx = RunContext(recipe=recipe, run_dir=tmp_path / "run")
+    backbone = ctx.build_world_model().backbone
+    folder = build_cache(tmp_path / "ds", backbone, ctx.cache_key(), clips_per_shard=2)
+    tensors = {k: v for shard in sorted(folder.glob("shard-*")) for k, v in load_tensors(shard).items()}
+    return tmp_path / "ds", folder, tensors, backbone
+
+
+def encoded(backbone, caption):
+    """One caption's conditioning, encoded on its own: (embeds [L, D], mask [L]) of the one encoder."""
+    [(embeds, mask)] = [(e.embeds[0], e.mask[0]) for e in backbone.encode_text([caption]).encoders.values()]
+    return embeds, mask
+
+
+def assert_captions(text, captions, backbone):
+    """Row i of ``text`` is ``captions[i]``'s conditioning encoded alone."""
+    [enc] = text.encoders.values()
+    assert enc.embeds.shape[0] == len(captions)
+    for row, caption in enumerate(captions):
+        embeds, mask = encoded(backbone, caption)
+        torch.testing.assert_close(enc.embeds[row].cpu(), embeds, rtol=0, atol=0)
+        assert torch.equal(enc.mask[row].cpu(), mask)
+
+
+def which_clip(window, tensors, names):
+    """The clip of ``names`` whose cached latents hold ``window`` [C, K, h, w] at some latent frame."""
+    found = {name for name in names for start in range(tensors[f"{name}/latents"].shape[1] - window.shape[1] + 1)
+             if torch.equal(tensors[f"{name}/latents"][:, start:start + window.shape[1]], window.cpu())}
+    assert len(found) == 1, found
+    return found.pop()
+
+
+def test_clips_carry_their_own_captions_text_with_and_without_the_cache(captioned):
+    """Clips of different captions each carry their own caption's conditioning, equal to the caption
+    encoded alone: read from the cache, encoded now without one, and in a streamed batch."""
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import RunContext
+    from biwm.data.cache import read_index
+
+    dataset_dir, folder, tensors, backbone = captioned
+    assert read_index(folder).prompts == sorted(set(CAPTIONS.values()))
+    for layers in (2, 1):  # the cache's backbone, then one with another cache key: encoded now
+        recipe = validate_recipe(captioned_recipe(dataset_dir, dataset_dir.parent / "run", layers, finetune={}))
+        ctx = RunContext(recipe=recipe, run_dir=dataset_dir.parent / "run")
+        dataset, key = ctx.dataset, ctx.cache_key()
+        assert dataset.prompt == "a grey attic"  # the first held-out clip's, for what has no clips (play)
+        train = dataset.latents("train", 4, 8, backbone, None, key)
+        assert_captions(train.text, [CAPTIONS[f"clip000{i}"] for i in range(4)], backbone)
+        [enc] = train.text.encoders.values()
+        assert not torch.equal(enc.embeds[0], enc.embeds[1]) and torch.equal(enc.embeds[0], enc.embeds[2])
+        assert_captions(dataset.latents("heldout", 1, 8, backbone, None, key).text, ["a grey attic"], backbone)
+        stream = dataset.train_batches(3, 8, backbone, key, seed=0)
+        assert (stream is None) == (layers == 1)
+    batch = next(dataset.train_batches(3, 8, backbone, read_index(folder).backbone, seed=0))
+    names = [f"clip000{i}" for i in batch.seeds]
+    assert [which_clip(latents, tensors, names) for latents in batch.latents] == names
+    assert_captions(batch.text, [CAPTIONS[n] for n in names], backbone)
+
+
+def test_one_prompt_for_all_clips_carries_no_text(captioned):
+    """data.prompt overrides the captions: no clip carries text of its own (the stages' one prompt)."""
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import RunContext
+
+    dataset_dir, folder, tensors, backbone = captioned
+    data = captioned_recipe(dataset_dir, dataset_dir.parent / "run", finetune={})
+    data["data"]["prompt"] = "one prompt"
+    ctx = RunContext(recipe=validate_recipe(data), run_dir=dataset_dir.parent / "run")
+    assert ctx.dataset.prompt == "one prompt"
+    assert ctx.dataset.latents("train", 2, 8, backbone, None, ctx.cache_key()).text is None
+    assert next(ctx.dataset.train_batches(2, 8, backbone, ctx.cache_key(), seed=0)).text is None
+
+
+def test_streamed_batches_visit_every_clip_once_per_pass(captioned):
+    """Without replacement: every run of N consecutive clips of the stream (N the rank's share) is each
+    clip once, in a fresh order each pass; batches are full even when N is not a multiple of the batch;
+    ranks split the clips."""
+    from biwm.data.cache import LatentShards
+
+    shards = LatentShards(captioned[1])
+    names = sorted(CAPTIONS)
+    stream = shards.batches(names, 2, 8, seed=3)
+    order = [i for _ in range(10) for i in next(stream).seeds]  # 20 clips: 4 passes of 5
+    passes = [order[i:i + 5] for i in range(0, 20, 5)]
+    assert all(sorted(p) == [0, 1, 2, 3, 4] for p in passes), passes
+    assert len({tuple(p) for p in passes}) > 1, passes  # reshuffled
+    shares = []
+    for rank in (0, 1):
+        stream = shards.batches(names, 2, 8, seed=3, rank=rank, world_size=2)
+        share = [i for _ in range(3) for i in next(stream).seeds]
+        mine = [0, 2, 4] if rank == 0 else [1, 3]
+        assert all(sorted(share[i:i + len(mine)]) == mine for i in range(0, 6 - len(mine) + 1, len(mine))), share
+        shares += mine
+    assert sorted(shares) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("where", ["cache", "memory"])
+def test_finetune_conditions_each_window_on_its_clips_caption(captioned, tmp_path, monkeypatch, where):
+    """Every window of a finetune step gets its own clip's caption (the clip found by its latents); from
+    the cache each pass of the stream is every training clip once."""
+    import biwm.core.stages.finetune as finetune
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import run_recipe
+
+    dataset_dir, _, tensors, backbone = captioned
+    seen = []
+    loss = finetune.finetune_loss
+
+    def recording(world, cfg, x0, history, camera, text, *rest, **kw):
+        seen.append((x0.detach().cpu(), text))
+        return loss(world, cfg, x0, history, camera, text, *rest, **kw)
+
+    monkeypatch.setattr(finetune, "finetune_loss", recording)
+    recipe = captioned_recipe(dataset_dir, tmp_path / "run", 2 if where == "cache" else 1,
+                              finetune={"steps": 4, "batch_size": 2, "checkpoint_every": 4, "chunk_frames": 2,
+                                        "max_history": 4})
+    console = Console(file=io.StringIO(), width=300)
+    metrics = run_recipe(validate_recipe(recipe), console=console)["stages"]["finetune"]
+    assert ("streaming 4 training clips" in console.file.getvalue()) == (where == "cache")
+    assert metrics["finetune_steps"] == 4 and math.isfinite(metrics["finetune_loss_last"])
+    train = [f"clip000{i}" for i in range(4)]
+    assert len(seen) == 4
+    clips = [[which_clip(window, tensors, train) for window in x0] for x0, _ in seen]
+    for (_, text), names in zip(seen, clips):
+        assert_captions(text, [CAPTIONS[n] for n in names], backbone)
+    if where == "cache":
+        assert sorted(clips[0] + clips[1]) == train and sorted(clips[2] + clips[3]) == train
+
+
+def test_distill_streams_from_the_cache_with_each_clips_caption(captioned, tmp_path, monkeypatch):
+    """The distill stage reads a cached dataset batch by batch: its first batch is clips of the cache
+    (latents and cameras equal), each with its own caption's conditioning, and two iterations of 2 are
+    the 4 training clips, each once."""
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import run_recipe
+    from biwm.core.stages.distill import Distiller
+
+    dataset_dir, _, tensors, backbone = captioned
+    seen = []
+    iteration = Distiller.iteration
+
+    def recording(self, it, clips, camera, text, *rest, **kw):
+        seen.append((clips.detach().cpu(), camera.to("cpu"), text))
+        return iteration(self, it, clips, camera, text, *rest, **kw)
+
+    monkeypatch.setattr(Distiller, "iteration", recording)
+    recipe = captioned_recipe(dataset_dir, tmp_path / "run",
+                              distill={"steps": 2, "batch_size": 2, "history_frames": 2, "chunks": 1,
+                                       "chunk_frames": 2, "student_steps": 2, "generator_every": 1,
+                                       "checkpoint_every": 10})
+    console = Console(file=io.StringIO(), width=300)
+    metrics = run_recipe(validate_recipe(recipe), console=console)["stages"]["distill"]
+    assert "streaming 4 training clips from the videos dataset's latent cache" in console.file.getvalue()
+    assert metrics["distill_iterations"] == 2 and metrics["generator_updates"] == 2
+    assert math.isfinite(metrics["distill_critic_loss_last"])
+    train = [f"clip000{i}" for i in range(4)]
+    names = []
+    for clips, camera, text in seen:
+        batch = [which_clip(latents, tensors, train) for latents in clips]
+        for row, name in enumerate(batch):
+            assert torch.equal(clips[row], tensors[f"{name}/latents"])  # the whole clip, from frame 0
+            torch.testing.assert_close(camera.c2w[row], tensors[f"{name}/c2w"], rtol=0, atol=0)
+        assert_captions(text, [CAPTIONS[n] for n in batch], backbone)
+        names += batch
+    assert sorted(names) == train
+
+
+def test_generate_rolls_each_held_out_clip_out_on_its_caption(captioned, tmp_path, monkeypatch):
+    """Two held-out clips of different captions: each trajectory's rollout is conditioned on its own."""
+    import biwm.core.evaluation as evaluation
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import run_recipe
+
+    dataset_dir, _, _, backbone = captioned
+    rolled = []
+    rollout = evaluation.rollout_video
+
+    def recording(world, text, *rest, **kw):
+        rolled.append(text)
+        return rollout(world, text, *rest, **kw)
+
+    monkeypatch.setattr(evaluation, "rollout_video", recording)
+    recipe = captioned_recipe(dataset_dir, tmp_path / "run",
+                              generate={"trajectories": 2, "history_frames": 2, "chunks": 1, "chunk_frames": 2,
+                                        "steps": 1, "shuffled_baseline": False, "write_videos": False})
+    recipe["data"]["heldout_clips"] = 2
+    run_recipe(validate_recipe(recipe), console=Console(file=io.StringIO()))
+    [text] = rolled
+    assert_captions(text, ["a green yard", "a grey attic"], backbone)

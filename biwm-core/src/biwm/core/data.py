@@ -2,7 +2,8 @@
 
 ``LatentClips`` keeps, per clip, latents [C, F, h, w] and a camera track at video rate aligned
 with the latent frames (``temporal_factor`` entries per latent frame; the first latent frame,
-which a causal video VAE encodes from one frame, repeats that frame's camera).
+which a causal video VAE encodes from one frame, repeats that frame's camera), and, for a dataset
+whose clips have captions of their own, their text conditioning (one row per clip).
 
 The stages read clips from a dataset plugin (a :class:`biwm.core.protocols.ClipSource`, made by
 :func:`biwm.core.recipe.dataset_for`); core has none of its own. The toy world, the default of a
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from biwm.core.camera import CameraTrack
 from biwm.core.protocols import Backbone
+from biwm.core.text import TextConditioning
 
 
 class FrameClips(Protocol):
@@ -47,6 +49,7 @@ class LatentClips:
     camera: CameraTrack  # [N, F * tf] video rate, latent-aligned
     frames: Tensor | None  # [N, T, 3, H, W] uint8 ground truth (evaluation)
     seeds: list[int]
+    text: TextConditioning | None = None  # one row per clip: its own caption's; None: the dataset's prompt for all
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -56,8 +59,9 @@ class LatentClips:
         return self.latents.shape[2]
 
     def to(self, device: torch.device | str) -> "LatentClips":
-        """Latents and cameras on ``device`` (ground-truth frames stay where they are)."""
-        return LatentClips(self.latents.to(device), self.camera.to(device), self.frames, self.seeds)
+        """Latents, cameras and text on ``device`` (ground-truth frames stay where they are)."""
+        return LatentClips(self.latents.to(device), self.camera.to(device), self.frames, self.seeds,
+                           self.text.to(device) if self.text is not None else None)
 
 
 @torch.no_grad()

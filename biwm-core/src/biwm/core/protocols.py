@@ -214,7 +214,9 @@ class DistillLoss(Protocol):
 @runtime_checkable
 class ClipSource(Protocol):
     """A dataset, as the stages read it: clips of latents (encoded with the model's backbone) with
-    their cameras and actions, for a split, plus the text prompt and the training-set size.
+    their cameras and actions, for a split, plus the text prompt and the training-set size. Clips
+    whose captions differ carry their own text conditioning (``LatentClips.text``, one row per clip,
+    encoded by the backbone's text encoder); the stages then condition each clip on its own.
 
     Optional capabilities, each a protocol of its own that the stages check with ``isinstance``:
     :class:`ActionSteps` (its action labels integrate to poses: generate's shuffled-actions
@@ -223,7 +225,7 @@ class ClipSource(Protocol):
     Its options model may also have ``frame_size_fields() -> {path under data: size}`` for the
     fields that set the frame size (validation checks them against the backbone)."""
 
-    prompt: str  # the text prompt of every clip
+    prompt: str  # the text prompt of every clip that carries no text of its own (LatentClips.text None)
     train_clips: int  # clips a training stage reads
     frames: int  # video frames per training clip
 
@@ -242,8 +244,11 @@ class StreamedClips(Protocol):
 
     ``train_batches`` returns an endless iterator of :class:`LatentClips` of ``batch_size`` clips,
     ``latent_frames`` each, shuffled across the whole training split (this ``rank``'s share of
-    ``world_size``), or None when it has nothing stored for ``cache_key`` (the stage then reads
-    :meth:`ClipSource.latents` as usual)."""
+    ``world_size``) and drawn without replacement: every run of as many clips as the share holds
+    is each of its clips once (a batch may straddle two such passes); with their own text
+    conditioning when their captions differ. None when it has nothing stored for ``cache_key`` (the
+    stage then reads :meth:`ClipSource.latents` as usual). The stages train on each batch's clips
+    in its order."""
 
     def train_batches(self, batch_size: int, latent_frames: int, backbone: Backbone, cache_key: str, seed: int,
                       rank: int = 0, world_size: int = 1) -> "Iterator[LatentClips] | None": ...

@@ -7,8 +7,9 @@
 
 KEY hashes the backbone (its name and options, as a run's ``cache_key``) and the frame size, so
 one dataset holds caches of several backbones. The cache folder appears only when complete.
-Shards are read memory-mapped (:class:`LatentShards`): a clip's latents are paged in when a batch
-needs them, and batches draw clips shuffled across shards, per rank.
+Shards are read memory-mapped (:class:`LatentShards`): a clip's latents (and its caption's text
+row) are paged in when a batch needs them, and batches draw clips shuffled across shards, per rank,
+without replacement (every pass over a rank's share is each of its clips once).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -26,9 +28,11 @@ from biwm.core.camera import CameraTrack
 from biwm.core.checkpoint import atomic_folder, save_tensors
 from biwm.core.data import LatentClips, latent_aligned_camera
 from biwm.core.protocols import Backbone
+from biwm.core.text import TextConditioning, TextEncoding
 from biwm.data.store import clip_camera, read_clip, read_manifest
 
 INDEX = "index.json"
+TEXT = "text.safetensors"
 
 
 class CachedClip(BaseModel):
@@ -78,7 +82,7 @@ def build_cache(dataset: Path, backbone: Backbone, backbone_key: str, clips_per_
     with atomic_folder(folder) as tmp:
         text = backbone.encode_text(prompts)
         save_tensors({f"{name}/{part}": getattr(enc, part).cpu().contiguous()
-                      for name, enc in text.encoders.items() for part in ("embeds", "mask")}, tmp / "text.safetensors")
+                      for name, enc in text.encoders.items() for part in ("embeds", "mask")}, tmp / TEXT)
         shard: dict[str, torch.Tensor] = {}
         for number, clip in enumerate(manifest.clips):
             tensors = read_clip(dataset, clip.name)
@@ -120,8 +124,9 @@ class LatentShards:
             self._open[name] = safe_open(str(self.folder / name), "pt")  # memory-mapped
         return self._open[name]
 
-    def clips(self, names: list[str], latent_frames: int) -> LatentClips:
-        """Clips ``names``, each its first ``latent_frames`` latent frames, as :class:`LatentClips`."""
+    def clips(self, names: list[str], latent_frames: int, text: bool = False) -> LatentClips:
+        """Clips ``names``, each its first ``latent_frames`` latent frames, as :class:`LatentClips` (with
+        their captions' text conditioning when ``text``)."""
         tf = self.index.temporal_factor
         frames = 1 + tf * (latent_frames - 1)
         latents, tracks = [], []
@@ -136,17 +141,44 @@ class LatentShards:
                                       shard.get_tensor(f"{name}/intrinsics")[None],
                                       shard.get_slice(f"{name}/actions")[:frames][None]))
         camera = latent_aligned_camera(CameraTrack.cat(tracks), tf)
-        return LatentClips(torch.stack(latents), camera, None, list(range(len(names))))
+        return LatentClips(torch.stack(latents), camera, None, list(range(len(names))),
+                           self.prompt_rows([self.index.clips[name].prompt for name in names]) if text else None)
+
+    def prompt_rows(self, rows: list[int]) -> TextConditioning:
+        """Rows ``rows`` of the cached captions' text conditioning (``index.prompts`` order), each read
+        memory-mapped on its own."""
+        file = self._shard(TEXT)
+        encoders = dict.fromkeys(key.rsplit("/", 1)[0] for key in file.keys())
+        if not encoders:
+            raise ValueError(f"{self.folder / TEXT}: holds no text encoder's embeds; rebuild with biwm data cache")
+
+        def stacked(key: str) -> torch.Tensor:
+            tensor = file.get_slice(key)
+            return torch.cat([tensor[row:row + 1] for row in rows])
+
+        return TextConditioning({name: TextEncoding(stacked(f"{name}/embeds"), stacked(f"{name}/mask"))
+                                 for name in encoders})
 
     def batches(self, names: list[str], batch_size: int, latent_frames: int, seed: int, rank: int = 0,
-                world_size: int = 1) -> Iterator[LatentClips]:
-        """Endless batches of ``names`` (this rank's share), reshuffled every pass across shards."""
-        mine = names[rank::world_size]
+                world_size: int = 1, text: bool = False) -> Iterator[LatentClips]:
+        """Endless batches of ``batch_size`` of ``names`` (this rank's share) without replacement: the
+        share in a fresh order across shards every pass, one pass after the other (a batch may straddle
+        two). A batch's ``seeds`` are its clips' positions in ``names``; ``text`` as in :meth:`clips`."""
+        mine = list(range(rank, len(names), world_size))
+        if not mine:
+            raise ValueError(f"{self.folder}: rank {rank} of {world_size} gets none of the {len(names)} clips")
         generator = torch.Generator().manual_seed(seed)
+
+        def passes() -> Iterator[int]:
+            while True:
+                yield from (mine[i] for i in torch.randperm(len(mine), generator=generator).tolist())
+
+        order = passes()
         while True:
-            order = [mine[i] for i in torch.randperm(len(mine), generator=generator).tolist()]
-            for start in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-                yield self.clips(order[start:start + batch_size], latent_frames)
+            picked = list(islice(order, batch_size))
+            clips = self.clips([names[i] for i in picked], latent_frames, text)
+            clips.seeds = picked
+            yield clips
 
 
 def open_cache(dataset: Path, backbone_key: str, temporal_factor: int) -> LatentShards | None:
@@ -158,13 +190,14 @@ def open_cache(dataset: Path, backbone_key: str, temporal_factor: int) -> Latent
 
 
 def cached_latents(dataset: Path, backbone_key: str, names: list[str], latent_frames: int, temporal_factor: int,
-                   keep_frames: bool = False) -> LatentClips | None:
-    """``names`` from the dataset's cache for this backbone, or None when it has no complete one."""
+                   keep_frames: bool = False, text: bool = False) -> LatentClips | None:
+    """``names`` from the dataset's cache for this backbone (with their captions' text conditioning when
+    ``text``), or None when it has no complete one."""
     shards = open_cache(dataset, backbone_key, temporal_factor)
     if shards is None or any(shards.index.clips.get(n) is None or shards.index.clips[n].latent_frames < latent_frames
                              for n in names):
         return None
-    clips = shards.clips(names, latent_frames)
+    clips = shards.clips(names, latent_frames, text)
     if keep_frames:
         frames = 1 + temporal_factor * (latent_frames - 1)
         clips.frames = torch.stack([read_clip(dataset, n)["frames"][:frames] for n in names])

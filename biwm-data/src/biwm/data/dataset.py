@@ -5,8 +5,10 @@ Clips are split by order: the last ``heldout_clips`` are held out, the ones befo
 gives the first ``1 + tf*(F-1)`` of its frames for a request of F latent frames; clips may be of
 different lengths, and a request longer than a clip is an error naming it. Latents come from the
 dataset's cache (``biwm data cache``) when it holds this backbone at this resolution, else the
-frames are encoded now (and kept in the run's cache). Its action labels integrate to poses with the
-steps the import used (:class:`biwm.core.protocols.ActionSteps`).
+frames are encoded now (and kept in the run's cache). Clips whose captions differ each carry their
+own caption's text conditioning (``LatentClips.text``: from the cache, or encoded now), unless
+``prompt`` sets one for all. Its action labels integrate to poses with the steps the import used
+(:class:`biwm.core.protocols.ActionSteps`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from biwm.core.camera import CameraTrack
 from biwm.core.config import InputPath, Strict
 from biwm.core.data import LatentClips, encode_clips, video_frames_for
 from biwm.core.protocols import Backbone
+from biwm.core.text import TextConditioning
 from biwm.data.store import DatasetManifest, clip_camera, read_clip, read_manifest
 
 
@@ -33,8 +36,8 @@ class VideosData(Strict):
     frames: int = Field(17, ge=2, description="video frames per training clip (1 + 4k for a 4x temporal codec)")
     heldout_clips: int = Field(1, ge=0, description="the last N clips, held out for generate and evaluate")
     train_clips: int | None = Field(None, ge=1, description="training clips (default: all the others)")
-    prompt: str | None = Field(None, description="the prompt of every clip (default: the clips' caption, "
-                               "which must then be the same for all)")
+    prompt: str | None = Field(None, description="one prompt for every clip instead of their captions "
+                               "(default: each clip its own caption)")
 
     @model_validator(mode="after")
     def _check(self) -> VideosData:
@@ -45,9 +48,6 @@ class VideosData(Strict):
                              "leaves none to train on")
         if self.train_clips is not None and self.train_clips > available:
             raise ValueError(f"train_clips {self.train_clips}: {self.path} holds {available} training clips")
-        if self.prompt is None and len({c.caption for c in manifest.clips}) > 1:
-            raise ValueError(f"{self.path}: the clips have {len({c.caption for c in manifest.clips})} different "
-                             "captions; the stages train with one prompt per dataset so far: set data.prompt")
         return self
 
     def frame_size_fields(self) -> dict[str, int]:
@@ -65,7 +65,10 @@ class VideosDataset:
         self.heldout = clips[len(clips) - options.heldout_clips:] if options.heldout_clips else []
         self.train = clips[:len(clips) - options.heldout_clips][:options.train_clips]
         self.train_clips, self.frames = len(self.train), options.frames
-        self.prompt = options.prompt if options.prompt is not None else clips[0].caption
+        # clips of different captions carry their own text (LatentClips.text); the prompt is then for what
+        # has no clip to take it from (play, which starts from held-out clip 0): that clip's caption
+        self.per_clip_text = options.prompt is None and len({c.caption for c in clips}) > 1
+        self.prompt = options.prompt if options.prompt is not None else (self.heldout or clips)[0].caption
         self.move_step, self.turn_step_deg = self.manifest.move_step, self.manifest.turn_step_deg
 
     def latents(self, split: Literal["train", "heldout"], count: int, latent_frames: int, backbone: Backbone,
@@ -83,15 +86,18 @@ class VideosDataset:
         from biwm.data.cache import cached_latents
 
         cached = cached_latents(self.options.path, cache_key, [c.name for c in clips], latent_frames,
-                                backbone.temporal_factor, keep_frames=keep_frames)
+                                backbone.temporal_factor, keep_frames=keep_frames, text=self.per_clip_text)
         if cached is not None:
             cached.seeds = list(range(start, start + count))
             return cached
         tensors = [read_clip(self.options.path, c.name) for c in clips]
         camera = CameraTrack.cat([clip_camera(t, slice(0, frames)) for t in tensors])
         video = torch.stack([t["frames"][:frames] for t in tensors])
-        return encode_clips(_Clips(video, camera, list(range(start, start + count))), backbone, device=device,
-                            keep_frames=keep_frames)
+        encoded = encode_clips(_Clips(video, camera, list(range(start, start + count))), backbone, device=device,
+                               keep_frames=keep_frames)
+        if self.per_clip_text:
+            encoded.text = captions_text(backbone, [c.caption for c in clips])
+        return encoded
 
     def train_batches(self, batch_size: int, latent_frames: int, backbone: Backbone, cache_key: str, seed: int,
                       rank: int = 0, world_size: int = 1) -> Iterator[LatentClips] | None:
@@ -104,7 +110,14 @@ class VideosDataset:
         names = [c.name for c in self.train]
         if shards is None or not set(names) <= set(shards.index.clips):
             return None
-        return shards.batches(names, batch_size, latent_frames, seed, rank, world_size)
+        return shards.batches(names, batch_size, latent_frames, seed, rank, world_size, text=self.per_clip_text)
+
+
+@torch.no_grad()
+def captions_text(backbone: Backbone, captions: list[str]) -> TextConditioning:
+    """One row per caption (on the CPU), each distinct caption encoded once."""
+    distinct = sorted(set(captions))
+    return backbone.encode_text(distinct).select([distinct.index(c) for c in captions]).to("cpu")
 
 
 class _Clips:

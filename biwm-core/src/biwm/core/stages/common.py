@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -15,6 +16,7 @@ from biwm.core.text import TextConditioning
 from biwm.core.window import WorldModel
 
 if TYPE_CHECKING:
+    from biwm.core.data import LatentClips
     from biwm.core.runner import RunContext
 
 
@@ -44,6 +46,45 @@ def text_embeddings(world: WorldModel, prompt: str, batch: int,
     text = world.backbone.encode_text([prompt]).to(device)
     null = world.backbone.encode_text([""]).to(device)
     return text.expand(batch), null
+
+
+def training_batches(ctx: "RunContext", batch_size: int, latent_frames: int, backbone, device: torch.device,
+                     resident: bool = False) -> Callable[[torch.Generator], tuple["LatentClips", torch.Tensor]]:
+    """How a training stage reads the dataset's training split: ``draw(generator) -> (clips, rows)``,
+    the batch being rows ``rows`` of ``clips``. A dataset that streams
+    (:class:`biwm.core.protocols.StreamedClips`, e.g. from its latent cache) gives each batch as it
+    is needed, this rank's share, every clip once per pass (``rows`` all of the batch, in order, the
+    generator untouched); otherwise every training clip is read (and encoded) now, kept on ``device``
+    when ``resident``, and ``rows`` drawn from ``generator`` with replacement."""
+    from biwm.core.protocols import StreamedClips
+
+    dataset, source = ctx.dataset, ctx.recipe.data.source
+    stream = None
+    if isinstance(dataset, StreamedClips):
+        acc = ctx.accelerator  # this process's share
+        stream = dataset.train_batches(batch_size, latent_frames, backbone, ctx.cache_key(), ctx.recipe.seed,
+                                       acc.process_index, acc.num_processes)
+    if stream is not None:
+        ctx.console.print(f"streaming {dataset.train_clips} training clips from the {source} dataset's latent cache")
+        rows = torch.arange(batch_size)
+        return lambda _generator: (next(stream), rows)
+    with ctx.console.status(f"reading and encoding {dataset.train_clips} training clips ({source})"):
+        data = dataset.latents("train", dataset.train_clips, latent_frames, backbone, ctx.run_dir / "cache",
+                               ctx.cache_key(), device=device)
+    if resident:
+        data = data.to(device)  # a step gathers its windows where they are
+    return lambda generator: (data, torch.randint(len(data), (batch_size,), generator=generator))
+
+
+def clips_text(clips: "LatentClips", prompt_text: TextConditioning, device: torch.device,
+               rows: torch.Tensor | None = None) -> TextConditioning:
+    """The text conditioning of ``clips`` (of its rows ``rows``, None: all in order): their own captions'
+    (:attr:`LatentClips.text`) when they carry it, else ``prompt_text`` (the dataset's one prompt, made
+    by :func:`text_embeddings` for the batch), unchanged."""
+    if clips.text is None:
+        return prompt_text
+    text = clips.text if rows is None else clips.text.select(rows.to(clips.text[clips.text.names[0]].embeds.device))
+    return text.to(device, non_blocking=True)
 
 
 class DistilledModel(Strict):

@@ -220,7 +220,8 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
     from biwm.core.dmd import student_sigmas
     from biwm.core.plugins import get_plugin_manager
     from biwm.core.runner import progress_bar
-    from biwm.core.stages.common import load_world_model, model_card, text_embeddings
+    from biwm.core.stages.common import (clips_text, load_world_model, model_card, text_embeddings,
+                                        training_batches)
 
     recipe = ctx.recipe
     device = ctx.device
@@ -248,10 +249,8 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
         raise ValueError(f"stage distill: history_frames + chunks * chunk_frames = "
                          f"{cfg.history_frames + cfg.chunks * cfg.chunk_frames} latent frames, but data clips of "
                          f"{dataset.frames} frames have {latent_frames}; raise data.frames or lower chunks")
-    with ctx.console.status(f"reading and encoding {dataset.train_clips} training clips ({recipe.data.source})"):
-        data = dataset.latents("train", dataset.train_clips, latent_frames, nets.generator.backbone,
-                               ctx.run_dir / "cache", ctx.cache_key(), device=device)
-    text, null_text = text_embeddings(nets.generator, dataset.prompt, cfg.batch_size, device)
+    draw = training_batches(ctx, cfg.batch_size, latent_frames, nets.generator.backbone, device)
+    prompt_text, null_text = text_embeddings(nets.generator, dataset.prompt, cfg.batch_size, device)
     sigmas = student_sigmas(cfg.student_steps, cfg.student_shift, device)
     rng = torch.Generator().manual_seed(recipe.seed + 2)
 
@@ -267,9 +266,10 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
     started = time.time()
     with progress_bar(ctx.console, "distill", cfg.steps, completed=it) as update:
         while it < cfg.steps:
-            idx = torch.randint(len(data), (cfg.batch_size,), generator=rng)
-            clips = data.latents[idx].to(device)
-            camera = data.camera.select(idx).to(device)
+            batch, idx = draw(rng)
+            clips = batch.latents[idx].to(device)
+            camera = batch.camera.select(idx).to(device)
+            text = clips_text(batch, prompt_text, device, idx)
             loss_g, loss_c, exit_step = nets.iteration(it, clips, camera, text, null_text, sigmas, rng)
             if loss_g is not None:
                 counts["generator_updates"] += 1

@@ -59,7 +59,7 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
     from biwm.core.evaluation import EvaluationRun, quality_scores, rollout_video
     from biwm.core.protocols import EvaluationScores
     from biwm.core.runner import progress_bar
-    from biwm.core.stages.common import load_world_model, sampler_for, text_embeddings, weights_metadata
+    from biwm.core.stages.common import clips_text, load_world_model, sampler_for, text_embeddings, weights_metadata
     from biwm.core.video import as_uint8
 
     recipe = ctx.recipe
@@ -78,7 +78,8 @@ def run(ctx, cfg: EvaluateConfig, stage_dir: Path) -> dict:
         data = dataset.latents("heldout", cfg.trajectories, total_lat, bb, ctx.run_dir / "cache", ctx.cache_key(),
                                device=device, keep_frames=True)
     n = len(data)
-    text, null_text = text_embeddings(world, dataset.prompt, n, device)
+    prompt_text, null_text = text_embeddings(world, dataset.prompt, n, device)
+    text = clips_text(data, prompt_text, device)  # the clips' own captions, when they have them
     history = data.latents[:, :, :cfg.history_frames].to(device)
     camera = data.camera.frames(slice(tf - 1, None))  # video rate, T = 1 + tf*(F-1)
     h_video = video_frames_for(cfg.history_frames, tf)

@@ -16,7 +16,6 @@ import torch
 from pydantic import Field
 
 from biwm.core.config import InputFile, Strict
-from biwm.core.protocols import StreamedClips
 from biwm.core.text import TextConditioning
 
 
@@ -78,15 +77,18 @@ class FinetuneConfig(Strict):
         return []
 
 
-def sample_batch(data, cfg: FinetuneConfig, generator: torch.Generator, device: torch.device):
+def sample_batch(data, cfg: FinetuneConfig, generator: torch.Generator, device: torch.device,
+                 rows: torch.Tensor | None = None):
     """A batch of windows with one shared shape: (x0 chunk, history, camera).
 
-    The shape (chunk start, history length) and the clips are drawn from ``generator`` on the host;
-    the gathering happens where ``data`` lives, so data resident on the GPU never crosses the bus."""
+    The clips are ``rows`` of ``data`` (a streamed batch: each of its clips once), or else
+    ``cfg.batch_size`` drawn from ``generator``; the shape (chunk start, history length) is drawn from
+    ``generator`` on the host. The gathering happens where ``data`` lives, so data resident on the GPU
+    never crosses the bus."""
     n, _, frames = data.latents.shape[:3]
     k = cfg.chunk_frames
     tf = data.camera.num_frames // frames
-    idx = torch.randint(n, (cfg.batch_size,), generator=generator)
+    idx = torch.randint(n, (cfg.batch_size,), generator=generator) if rows is None else rows
     start = int(torch.randint(0, frames - k + 1, (1,), generator=generator))
     h_len = 0
     if start > 0 and cfg.max_history > 0 and float(torch.rand(1, generator=generator)) >= cfg.no_history_prob:
@@ -165,7 +167,8 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     from biwm.core.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_weights
     from biwm.core.ema import ModelEMA
     from biwm.core.runner import progress_bar
-    from biwm.core.stages.common import load_world_model, model_card, text_embeddings
+    from biwm.core.stages.common import (clips_text, load_world_model, model_card, text_embeddings,
+                                        training_batches)
 
     recipe = ctx.recipe
     acc = ctx.accelerator
@@ -184,19 +187,8 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     dataset = ctx.dataset
     tf = world.backbone.temporal_factor
     latent_frames = 1 + (dataset.frames - 1) // tf
-    stream = None
-    if isinstance(dataset, StreamedClips):
-        stream = dataset.train_batches(cfg.batch_size, latent_frames, world.backbone, ctx.cache_key(), recipe.seed,
-                                       acc.process_index, acc.num_processes)
-    if stream is not None:
-        ctx.console.print(f"streaming {dataset.train_clips} training clips from the {recipe.data.source} dataset's "
-                          "latent cache")
-    else:
-        with ctx.console.status(f"reading and encoding {dataset.train_clips} training clips ({recipe.data.source})"):
-            data = dataset.latents("train", dataset.train_clips, latent_frames, world.backbone,
-                                   ctx.run_dir / "cache", ctx.cache_key(), device=device)
-        data = data.to(device)  # resident: a step gathers its windows where they are
-    text, null_text = text_embeddings(world, dataset.prompt, cfg.batch_size, device)
+    draw = training_batches(ctx, cfg.batch_size, latent_frames, world.backbone, device, resident=True)
+    prompt_text, null_text = text_embeddings(world, dataset.prompt, cfg.batch_size, device)
 
     world, optimizer = acc.prepare(world, optimizer)
     model = acc.unwrap_model(world)
@@ -248,7 +240,9 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr_at(step) * group["lr_scale"]
             noise_generator.manual_seed(recipe.seed * 1_000_003 + step)
-            x0, history, camera = sample_batch(next(stream) if stream is not None else data, cfg, generator, device)
+            batch, rows = draw(generator)
+            x0, history, camera = sample_batch(batch, cfg, generator, device, rows)
+            text = clips_text(batch, prompt_text, device, rows)
             loss = finetune_loss(forward, cfg, x0, history, camera, text, null_text, noise_generator)
             acc.backward(loss)
             grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip)

@@ -66,7 +66,7 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
     from biwm.core.video import as_uint8
     from biwm.core.metrics import finite_mean, psnr
     from biwm.core.protocols import ActionSteps
-    from biwm.core.stages.common import load_world_model, sampler_for, text_embeddings
+    from biwm.core.stages.common import clips_text, load_world_model, sampler_for, text_embeddings
     from biwm.core.video import write_mp4, write_strip
 
     recipe = ctx.recipe
@@ -85,7 +85,8 @@ def run(ctx, cfg: GenerateConfig, stage_dir: Path) -> dict:
         ctx.console.print(f"[yellow]dataset {recipe.data.source} has no action steps[/]: no shuffled-actions "
                           "baseline or keys rollout (they integrate actions into poses)")
     n = len(data)
-    text, null_text = text_embeddings(world, dataset.prompt, n, device)
+    prompt_text, null_text = text_embeddings(world, dataset.prompt, n, device)
+    text = clips_text(data, prompt_text, device)  # the clips' own captions, when they have them
     history = data.latents[:, :, :h_lat].to(device)
     raw_camera = data.camera.frames(slice(tf - 1, None))  # video rate, T = 1 + tf*(F-1)
     h_video = video_frames_for(h_lat, tf)
