@@ -58,8 +58,10 @@ def play_url(tmp_path):
         proc.wait(30)
 
 
-def gray(png_b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_b64))).convert("RGB"), dtype=np.float64).mean(-1)
+def gray(jpeg_b64: str) -> np.ndarray:
+    image = Image.open(io.BytesIO(base64.b64decode(jpeg_b64)))
+    assert image.format == "JPEG"
+    return np.asarray(image.convert("RGB"), dtype=np.float64).mean(-1)
 
 
 def test_browser_drives_the_model_with_held_keys_and_refuses_a_second_viewer(play_url, tmp_path):
@@ -75,7 +77,8 @@ def test_browser_drives_the_model_with_held_keys_and_refuses_a_second_viewer(pla
         page.click("#step")
         page.wait_for_function("window.biwm.frames.length >= 4 && window.biwm.latencies.length >= 1",
                                timeout=180_000)
-        frames = page.evaluate("window.biwm.frames")
+        frames = page.evaluate("window.biwm.frames.map(f => ({chunk: f.chunk, index: f.index, keys: f.keys, "
+                               "jpeg: window.biwm.base64(f.jpeg)}))")
         assert [f["keys"] for f in frames] == [["l"]] * 4 and [f["index"] for f in frames] == [0, 1, 2, 3]
         assert page.evaluate("window.biwm.latencies[0]") > 0
         assert page.text_content("#latency").endswith(" ms")
@@ -92,7 +95,7 @@ def test_browser_drives_the_model_with_held_keys_and_refuses_a_second_viewer(pla
         page.keyboard.up("ArrowRight")
 
         # the turn moves the room left, as it does in the true toy world from the same start
-        images = [gray(f["png"]) for f in frames]
+        images = [gray(f["jpeg"]) for f in frames]
         assert images[0].shape == (32, 32) and images[0].std() > 10  # a room, not a flat image
         model = [image_shift(images[i], images[i + 1])[1] for i in range(3)]
         truth = [dx for _, dx in true_turn_shift(0, 4, "l*4")[1:]]
