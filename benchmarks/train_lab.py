@@ -197,10 +197,19 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     rows, results = [], []
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # the JSON is written after every variant: a cut-off run keeps its rows
     for preset in presets:
         base = None
         for variant in variants:
-            r = time_variant(variant, preset, device, args)
+            try:
+                r = time_variant(variant, preset, device, args)
+            except Exception as exc:  # a variant that fails (e.g. does not compile) is a row, not the end of the run
+                print(f"{preset} {variant}: failed: {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+                results.append({"variant": variant, "preset": preset, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+                rows.append([preset, variant, "failed", "-", "-", "-"])
+                write_json(args.out.with_suffix(".json"), {"batch": args.batch, "environment": environment(device),
+                                                           "results": results})
+                continue
             base = r["seconds_per_step"] if variant == "before" else base
             r["speedup_over_before"] = base / r["seconds_per_step"] if base else None
             results.append(r)
@@ -208,7 +217,6 @@ def main() -> None:
                          f"{r['speedup_over_before']:.2f}x" if r["speedup_over_before"] else "-",
                          f"{r['warmup_seconds']:.0f}"])
             print(f"{preset} {variant}: {r['seconds_per_step'] * 1e3:.1f} ms/step", flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)  # after every variant: a cut-off run keeps its rows
             write_json(args.out.with_suffix(".json"), {"batch": args.batch, "environment": environment(device),
                                                        "results": results})
     table = markdown_table(["preset", "variant", "ms per step (median)", "steps/s", "vs before",

@@ -336,3 +336,24 @@ def test_distill_noise_range_is_in_sigma_units_and_reads_the_old_timestep_names(
         validate_recipe(distill_recipe(tmp_path / "r", t_min=20.0, sigma_min=0.02))
     with pytest.raises(RecipeError, match="sigma_max"):
         validate_recipe(distill_recipe(tmp_path / "r", sigma_max=2.0))
+
+
+def test_distill_says_when_generator_init_was_distilled_for_another_schedule(tmp_path):
+    from types import SimpleNamespace
+
+    from rich.console import Console
+    from safetensors.torch import save_file
+
+    from biwm.core.stages.distill import DistillConfig, _warn_schedule_change
+
+    student = tmp_path / "student.safetensors"
+    save_file({"x": torch.zeros(1)}, str(student),
+              metadata={"stage": "distill", "student_steps": "4", "student_shift": "2.0", "teacher": ""})
+    said = []
+    for shift in (2.0, 5.0):
+        console = Console(record=True, width=300)
+        _warn_schedule_change(SimpleNamespace(console=console),
+                              DistillConfig(generator_init=str(student), student_shift=shift))
+        said.append(console.export_text())
+    assert said[0] == ""  # the same schedule: nothing to say
+    assert "distilled for 4 steps at shift 2" in said[1] and "student_shift 5" in said[1]

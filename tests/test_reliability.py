@@ -262,6 +262,21 @@ def test_distill_metadata_is_validated(tmp_path, meta, problem):
     assert problem in str(info.value)
 
 
+def test_a_student_moved_without_its_teacher_still_reads(tmp_path):
+    """A student copied away from its teacher keeps its sampler; the teacher path resolves (for a
+    comparison, which then reports it missing) instead of stopping every command that reads it."""
+    from biwm.core.stages.common import model_metadata
+
+    path = tmp_path / "moved" / "student.safetensors"
+    path.parent.mkdir()
+    save_file({"x": torch.zeros(1)}, str(path),
+              metadata={"stage": "distill", "student_steps": "4", "student_shift": "2.0",
+                        "teacher": "../teacher/model.safetensors"})
+    meta = model_metadata(path)
+    assert meta["student_shift"] == "2.0"
+    assert meta["teacher"] == str(tmp_path / "teacher" / "model.safetensors")
+
+
 # ---------------------------------------------------------------- 10: values that fail at run time
 @pytest.mark.parametrize("override, field", [
     ("seed=18446744073709551616", "seed:"), ("distill.betas=[2.0, 0.999]", "stages[1]: betas[0]: 2.0"),

@@ -125,8 +125,13 @@ def compile_world(world: WorldModel, dynamic: bool = True, mode: str | None = No
     adds CUDA graphs. Other keyword arguments go to ``torch.compile`` (e.g. ``backend="cudagraphs"``:
     CUDA graphs of eager kernels, captured in seconds rather than compiled in minutes)."""
     import torch._dynamo
+    import torch._inductor.config as inductor_config
     import torch.fx.experimental._config as fx_config
 
+    # inductor's memory-coalescing tiling analysis stops this graph with an AssertionError in
+    # tiling_utils.get_pw_red_splits on torch 2.11 (CUDA, symbolic history length); it only picks
+    # between tilings, so turning it off changes kernel choices, not results
+    inductor_config.triton.coalesce_tiling_analysis = False
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
     if dynamic:
         fx_config.use_duck_shape = False

@@ -99,7 +99,9 @@ class DistilledModel(Strict):
 
 def model_metadata(path: Path) -> dict[str, str]:
     """A biwm model file's metadata (its header only), checked: a distilled model's fields must be
-    valid and its teacher readable (returned as an absolute path). CorruptFileError names the file."""
+    valid, and its teacher (returned as an absolute path) readable where it exists: a student copied
+    without its teacher still evaluates and plays, without the teacher comparison. CorruptFileError
+    names the file."""
     path = Path(path)
     meta = read_metadata(path, "model file")
     if meta.get("stage") != "distill":
@@ -114,7 +116,8 @@ def model_metadata(path: Path) -> dict[str, str]:
         raise CorruptFileError(f"{path}: metadata of a distilled model is invalid: {problems}") from None
     if distilled.teacher:
         teacher = Path(os.path.normpath(path.parent / distilled.teacher))
-        read_metadata(teacher, f"teacher model file (named by {path})")
+        if teacher.exists():  # a student moved without its teacher still samples; only a comparison needs it
+            read_metadata(teacher, f"teacher model file (named by {path})")
         meta["teacher"] = str(teacher)
     return meta
 

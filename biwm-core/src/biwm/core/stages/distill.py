@@ -236,6 +236,8 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
 
     load_generator = None
     if cfg.generator_init is not None:
+        _warn_schedule_change(ctx, cfg)
+
         def load_generator(report: bool):
             return load_world_model(ctx, init=cfg.generator_init, strict=False, report=report)
 
@@ -305,6 +307,21 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
             "distill_generator_loss_last": history_g[-1] if history_g else None,
             "distill_critic_loss_last": sum(history_c[-10:]) / max(1, len(history_c[-10:])) if history_c else None,
             "distill_seconds": round(time.time() - started, 1), "student_steps": cfg.student_steps}
+
+
+def _warn_schedule_change(ctx, cfg: DistillConfig) -> None:
+    """A generator that starts from a distilled model was distilled for its own steps and shift; a
+    stage that trains it on others changes what it does (allowed, but said, with both)."""
+    from biwm.core.stages.common import model_metadata
+
+    meta = model_metadata(cfg.generator_init)
+    if meta.get("stage") != "distill":
+        return
+    was = (int(meta["student_steps"]), float(meta["student_shift"]))
+    if was != (cfg.student_steps, cfg.student_shift):
+        ctx.console.print(f"[yellow]generator_init {cfg.generator_init} was distilled for {was[0]} steps at shift "
+                          f"{was[1]:g}; this stage trains it for student_steps {cfg.student_steps} at student_shift "
+                          f"{cfg.student_shift:g}[/]", highlight=False)
 
 
 def _total(losses, steps, side: str) -> torch.Tensor:
