@@ -45,6 +45,9 @@ class ModelConfig(Strict):
     attention: Literal["bidirectional", "causal"] = Field(
         "bidirectional", description="window attention; causal (history blind to the chunk, frames causal "
                                      "within it) exists as the baseline BiWM is measured against")
+    quantize: PluginRef | None = Field(
+        None, description="quantizer of the transformer's linear layers, in training and inference alike (its "
+                          "training form: e.g. {name: nvfp4} fake-quantises them), recorded in the model card")
 
 
 class Recipe(Strict):
@@ -83,6 +86,7 @@ class Recipe(Strict):
         data = self.model_dump(mode="json")
         model = data["model"]
         for key, ref in (("model.backbone", model["backbone"]), ("model.compressor", model["compressor"]),
+                         ("model.quantize", model["quantize"]),
                          *((f"model.controls[{i}]", c) for i, c in enumerate(model["controls"]))):
             if key in self.resolved:
                 ref["options"] = self.resolved[key].model_dump(mode="json")
@@ -282,6 +286,8 @@ def _check_plugins(model: ModelConfig, stages: list[Any], pm: PluginManager,
     refs: list[tuple[str, str, PluginRef]] = [("backbone", "model.backbone", model.backbone),
                                                ("compressor", "model.compressor", model.compressor)]
     refs += [("control", f"model.controls[{i}]", ref) for i, ref in enumerate(model.controls)]
+    if model.quantize is not None:
+        refs.append(("quantizer", "model.quantize", model.quantize))
     for stage_index, stage in enumerate(stages):
         losses = stage.get("losses") if isinstance(stage, dict) else getattr(stage, "losses", None)
         if not isinstance(losses, list):

@@ -122,6 +122,9 @@ class RunContext:
         controls = {ref.name: pm.get("control", ref.name).create(resolved[f"model.controls[{i}]"], backbone=backbone)
                     for i, ref in enumerate(model.controls)}
         compressor = pm.get("compressor", model.compressor.name).create(resolved["model.compressor"], backbone=backbone)
+        if model.quantize is not None:  # before any weights load: the training form keeps the parameters' names
+            quantizer = pm.get("quantizer", model.quantize.name).create(resolved["model.quantize"])
+            quantizer.convert(backbone.trainable(), training=True)
         return WorldModel(backbone, controls, compressor, model.attention)
 
     def cache_key(self) -> str:
