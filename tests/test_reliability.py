@@ -4,6 +4,7 @@ recipe loader answers every input with exit 0 or a one-line exit-2 message."""
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -322,3 +323,14 @@ def test_outputs_share_one_permission_rule(tmp_path):
     assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~umask)}
     folders = list((tmp_path / "run" / "finetune" / "checkpoints").iterdir())
     assert {oct(p.stat().st_mode & 0o777) for p in folders} == {oct(0o777 & ~umask)}
+
+
+def test_the_cli_keeps_optional_backends_import_notes_quiet():
+    """With torchao installed (setup installs it), importing diffusers logs torchao's unloadable CUDA
+    kernel libraries and diffusers' torchao note; biwm's CLI keeps those out of a user's terminal."""
+    pytest.importorskip("torchao")
+    code = ("from biwm.core.cli import quiet_optional_backends; quiet_optional_backends(); "
+            "import diffusers.quantizers.torchao.torchao_quantizer; from diffusers import WanTransformer3DModel")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Failed to load" not in proc.stderr and "Unable to import" not in proc.stderr, proc.stderr[-2000:]

@@ -332,7 +332,23 @@ def add_plugin_commands() -> list[str]:
     return added
 
 
+# Messages that libraries log on import about optional parts BiWM does not use, which read like failures:
+# torchao's CUDA kernel libraries that do not load (on a CPU, or against another torch build), torch's
+# pytree deprecation note about torchao's enums, and diffusers' note that it cannot import torchao's
+# serialised tensor types (needed only to load torchao-serialised checkpoints, which BiWM does not write).
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer")
+
+
+def quiet_optional_backends() -> None:
+    """Errors from these loggers still show; their import-time warnings do not."""
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main() -> None:
+    quiet_optional_backends()
     warnings.showwarning = _show_warning  # one line each, not the source line that warned
     first = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
     if first not in builtin_command_names():  # plugins load only for --help and commands core lacks
