@@ -19,13 +19,16 @@ import torch
 
 # Frame size and video frame rate of each release (Wan2.1: 832x480 at 16 fps; Wan2.2-TI2V-5B: 1280x704 at 24 fps;
 # HunyuanVideo-1.5 480p: 848x480, the diffusers pipeline's default 16:9 size for target size 640, at 24 fps, the
-# release's 121 frames in 5 s; diffusers' example exports at 15).
+# release's 121 frames in 5 s; diffusers' example exports at 15; LTX-2.3: 768x512 at 24 fps, the diffusers
+# LTX2Pipeline's defaults).
 SIZES = {"tiny": (32, 32, 16), "wan2.1-t2v-1.3b": (480, 832, 16), "wan2.2-ti2v-5b": (704, 1280, 24),
-         "hunyuan-tiny": (32, 32, 16), "hunyuanvideo-1.5-480p": (480, 848, 24)}
+         "hunyuan-tiny": (32, 32, 16), "hunyuanvideo-1.5-480p": (480, 848, 24),
+         "ltx-tiny": (32, 32, 16), "ltx-2.3-22b": (512, 768, 24)}
 # The backbone plugin and its preset behind each benchmark preset ("tiny" is Wan's).
 BACKBONES = {"tiny": ("wan", "tiny"), "wan2.1-t2v-1.3b": ("wan", "wan2.1-t2v-1.3b"),
              "wan2.2-ti2v-5b": ("wan", "wan2.2-ti2v-5b"), "hunyuan-tiny": ("hunyuan", "tiny"),
-             "hunyuanvideo-1.5-480p": ("hunyuan", "hunyuanvideo-1.5-480p")}
+             "hunyuanvideo-1.5-480p": ("hunyuan", "hunyuanvideo-1.5-480p"), "ltx-tiny": ("ltx", "tiny"),
+             "ltx-2.3-22b": ("ltx", "ltx-2.3-22b")}
 KEYS = "w*24,wd*16,d*12,wj*16,w*20,a*12,wl*12,s*8"  # a scripted keyboard session, repeated as needed
 
 

@@ -6,7 +6,7 @@
         --set finetune.steps=2 --runs /tmp/backbones
 
 Default: examples/backbones.yaml (the toy lab's finetune, distill and evaluate at tiny size, a few steps)
-with Wan and HunyuanVideo-1.5 at their tiny presets, 2 blocks each.
+with Wan, HunyuanVideo-1.5 and LTX-2.3 at their tiny presets, 2 blocks each.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = {"wan": "{name: wan, options: {preset: tiny, overrides: {num_layers: 2}}}",
-             "hunyuan": "{name: hunyuan, options: {preset: tiny, overrides: {num_layers: 2}}}"}
+             "hunyuan": "{name: hunyuan, options: {preset: tiny, overrides: {num_layers: 2}}}",
+             "ltx": "{name: ltx, options: {preset: tiny, overrides: {num_layers: 2}}}"}
 # What the table shows of each run: (stage, metric, label)
 ROWS = [("finetune", "finetune_loss_first", "stage 1: training loss, first step"),
         ("finetune", "finetune_loss_last", "stage 1: training loss, last step"),
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", type=Path, default=ROOT / "examples" / "backbones.yaml")
     parser.add_argument("--backbone", action="append", metavar="NAME=YAML",
-                        help="a model.backbone block to run (repeatable; default: wan and hunyuan, tiny)")
+                        help="a model.backbone block to run (repeatable; default: wan, hunyuan and ltx, tiny)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for every run (as biwm run --set)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "backbones",

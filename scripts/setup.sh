@@ -10,5 +10,5 @@ python -m pip install -q "torch==2.13.0"   # first, so nothing below pulls anoth
 # torchao declares no dependencies (not even torch): --no-deps keeps it so; pinned, as the nvfp4 quantizer uses its
 # prototype NVFP4 API (torchao.prototype.mx_formats), tested with 0.18.0
 python -m pip install -q --no-deps "torchao==0.18.0"
-python -m pip install -q -e "./biwm-core[lora,test]" -e "./biwm-backbones[wan,hunyuan]" -e ./biwm-compressors -e ./biwm-losses \
+python -m pip install -q -e "./biwm-core[lora,test]" -e "./biwm-backbones[wan,hunyuan,ltx]" -e ./biwm-compressors -e ./biwm-losses \
     -e "./biwm-quant[torchao]" -e ./biwm-toyworld -e ./biwm-data -e "./biwm-play[test]" pytest

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, subprocess_env
 
 
@@ -136,17 +138,18 @@ def test_data_cache_benchmark_on_cpu(tmp_path):
     assert data["clips_per_s"] > 0 and data["cache_bytes_per_clip"] > 9 * 48 * 8 * 8 * 4
 
 
-def test_both_benchmarks_take_the_hunyuan_presets(tmp_path):
-    """The HunyuanVideo-1.5 presets through the same benchmarks: hunyuan-tiny on the CPU (the GPU run of
-    hunyuanvideo-1.5-480p is for a machine that has one)."""
-    proc = run("rollout.py", "--preset", "hunyuan-tiny", "--seconds", "0.5", "--repeats", "1", "--dtype", "float32",
+@pytest.mark.parametrize("preset", ["hunyuan-tiny", "ltx-tiny"])
+def test_both_benchmarks_take_the_hunyuan_and_ltx_presets(tmp_path, preset):
+    """The HunyuanVideo-1.5 and LTX-2.3 presets through the same benchmarks: their tiny ones on the CPU (the
+    GPU runs of hunyuanvideo-1.5-480p and ltx-2.3-22b are for a machine that has one)."""
+    proc = run("rollout.py", "--preset", preset, "--seconds", "0.5", "--repeats", "1", "--dtype", "float32",
                "--variants", "eager", "--out", str(tmp_path / "rollout"))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    model = json.loads((tmp_path / "rollout.json").read_text())["models"]["hunyuan-tiny"]
+    model = json.loads((tmp_path / "rollout.json").read_text())["models"][preset]
     assert model["setup"]["chunks"] == 2 and model["setup"]["chunk_tokens"] == 4 * 16
     assert model["variants"]["eager"]["fps_sustained"] > 0
-    proc = run("train.py", "--preset", "hunyuan-tiny", "--steps", "1", "--history", "4", "--dtype", "float32",
+    proc = run("train.py", "--preset", preset, "--steps", "1", "--history", "4", "--dtype", "float32",
                "--parts", "stage1", "--out", str(tmp_path / "train"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "train.json").read_text())
-    assert data["preset"] == "hunyuan-tiny" and data["stage1"]["step_s"] > 0 and data["stage1"]["mfu"] > 0
+    assert data["preset"] == preset and data["stage1"]["step_s"] > 0 and data["stage1"]["mfu"] > 0

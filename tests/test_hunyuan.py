@@ -7,10 +7,11 @@ import subprocess
 
 import pytest
 import torch
+from conftest import check_compressed_window
 from test_model import activate_controls, random_camera
 
 from biwm.core.protocols import grid_positions
-from biwm.core.window import Window, WorldModel
+from biwm.core.window import Window
 
 
 def hunyuan_backbone(layers: int = 2, seed: int = 0, **options):
@@ -21,13 +22,9 @@ def hunyuan_backbone(layers: int = 2, seed: int = 0, **options):
 
 
 def hunyuan_world(compressor="none", options=None, seed=0, controls=("actions", "plucker")):
-    from biwm.core.plugins import get_plugin_manager
+    from conftest import world_around
 
-    pm = get_plugin_manager()
-    bb = hunyuan_backbone(seed=seed)
-    ctrl = {name: pm.create("control", name, {}, backbone=bb) for name in controls}
-    options = {"max_frames": 4} if options is None else options
-    return WorldModel(bb, ctrl, pm.create("compressor", compressor, options, backbone=bb))
+    return world_around(hunyuan_backbone(seed=seed), compressor, options, controls)
 
 
 def diffusers_forward(transformer, x, t, text):
@@ -44,24 +41,9 @@ def diffusers_forward(transformer, x, t, text):
 def test_world_model_equals_diffusers_forward_with_sharded_weights_from_a_recipe(tmp_path):
     """A tiny transformer saved by save_pretrained in several shards, loaded through a recipe's
     ``weights:``: one chunk with no history and no control gives diffusers' own output."""
-    from diffusers import HunyuanVideo15Transformer3DModel
+    from conftest import world_from_sharded_weights
 
-    from biwm.core.recipe import validate_recipe
-    from biwm.core.runner import RunContext
-    from conftest import tiny_recipe
-
-    saved = hunyuan_backbone(seed=3).transformer
-    saved.save_pretrained(tmp_path / "w" / "transformer", max_shard_size="2MB")
-    shards = sorted(p.name for p in (tmp_path / "w" / "transformer").glob("*.safetensors"))
-    assert len(shards) >= 3 and (tmp_path / "w" / "transformer" /
-                                 "diffusion_pytorch_model.safetensors.index.json").is_file()
-    data = tiny_recipe(tmp_path / "run")
-    data["model"]["backbone"] = {"name": "hunyuan", "options": {"preset": "tiny", "overrides": {"num_layers": 2},
-                                                                "weights": str(tmp_path / "w")}}
-    world = RunContext(recipe=validate_recipe(data), run_dir=tmp_path / "run").build_world_model()
-    for name, value in saved.state_dict().items():
-        assert torch.equal(world.backbone.transformer.state_dict()[name], value), name
-    reference = HunyuanVideo15Transformer3DModel.from_pretrained(tmp_path / "w" / "transformer")
+    world, reference = world_from_sharded_weights(tmp_path, "hunyuan", hunyuan_backbone(seed=3).transformer, "2MB")
 
     x = torch.randn(2, 48, 3, 8, 8)
     t = torch.tensor([731.0, 12.0])
@@ -191,20 +173,7 @@ def test_text_encoders_two_names_cache_and_null_prompt():
 def test_compressors_derive_their_kernels_from_the_latent_channels(name, options):
     world = hunyuan_world(name, options)
     activate_controls(world, 0.05)
-    bb = world.backbone
-    conv = bb.patch_embedding
-    assert conv.in_channels == bb.latent_channels == 48
-    x = torch.randn(1, 48, 2, 8, 8)
-    torch.testing.assert_close(conv(x), bb.patch_embed(x), rtol=1e-5, atol=1e-5)
-    g = torch.Generator().manual_seed(0)
-    history = torch.randn(2, 48, 6, 8, 8, generator=g)
-    window = Window(text=bb.encode_text(["", ""]), chunk=torch.randn(2, 48, 2, 8, 8, generator=g),
-                    timestep=torch.tensor([500.0, 500.0]), history=history, camera=random_camera(2, 8))
-    out = world(window)
-    assert out.shape == (2, 48, 2, 8, 8) and torch.isfinite(out).all()
-    assert world.last_window_tokens < 6 * 16 + 2 * 16  # compressed
-    out.pow(2).mean().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in world.compressor.parameters())
+    check_compressed_window(world)
 
 
 def test_gan_reads_the_video_stream_of_the_dual_stream_blocks():
@@ -324,33 +293,6 @@ def test_list_plugins_shows_hunyuan():
 def test_the_backbones_recipe_runs_finetune_distill_and_evaluate_for_hunyuan_tiny(tmp_path):
     """examples/backbones.yaml with only model.backbone changed (scripts/compare_backbones.py), at a few
     steps: stage 1, stage 2 and the evaluation all run for the tiny HunyuanVideo-1.5."""
-    import importlib.util
-    import math
+    from conftest import backbones_recipe_smoke_run
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("compare_backbones", ROOT / "scripts" / "compare_backbones.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    fast = ["finetune.steps=2", "finetune.checkpoint_every=2", "distill.steps=2", "distill.checkpoint_every=2",
-            "evaluate.trajectories=2", "evaluate.steps=2", "evaluate.teacher_steps=2", "data.train_clips=4",
-            "data.heldout_clips=2"]
-    argv = ["--backbone", "hunyuan=" + script.BACKBONES["hunyuan"], "--runs", str(tmp_path / "runs"),
-            "--out", str(tmp_path / "cmp")] + [a for s in fast for a in ("--set", s)]
-    assert script.main(argv) == 0
-    run = json.loads((tmp_path / "cmp.json").read_text())["runs"]["hunyuan"]
-    assert run["finetune"]["finetune_steps"] == 2 and math.isfinite(run["finetune"]["finetune_loss_last"])
-    assert run["distill"]["critic_updates"] == 2 and math.isfinite(run["distill"]["distill_critic_loss_last"])
-    evaluation = run["evaluate"]
-    assert evaluation["nfe_per_chunk"] == 2 and evaluation["teacher_nfe_per_chunk"] == 2
-    assert 0 < evaluation["psnr"] < 60 and 0 <= evaluation["idm_accuracy"] <= 1
-    recipe = yaml_of(tmp_path / "runs" / "hunyuan" / "recipe.yaml")
-    assert recipe["model"]["backbone"]["name"] == "hunyuan"
-    assert [c["name"] for c in recipe["model"]["controls"]] == ["actions", "plucker"]
-    assert "| `hunyuan` |" in (tmp_path / "cmp.md").read_text()
-
-
-def yaml_of(path):
-    import yaml
-
-    return yaml.safe_load(path.read_text())
+    backbones_recipe_smoke_run(tmp_path, "hunyuan")

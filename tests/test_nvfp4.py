@@ -151,7 +151,7 @@ def test_gpu_nvfp4_paths_follow_the_compute_capability():
     assert torch.equal(w4a16(window), trained(window))
 
 
-@pytest.mark.parametrize("backbone", ["wan", "hunyuan"])
+@pytest.mark.parametrize("backbone", ["wan", "hunyuan", "ltx"])
 def test_a_recipe_with_model_quantize_nvfp4_trains_and_its_saved_model_loads_back_quantised(tmp_path, backbone):
     import shutil
 

@@ -34,7 +34,7 @@ def test_misspelled_plugin_names(tmp_path):
     data["model"]["controls"] = ["pluker"]
     data["model"]["backbone"]["name"] = "wann"
     errs = errors_of(data, tmp_path)
-    assert "model.backbone.name: unknown backbone 'wann'; allowed: hunyuan, wan" in errs
+    assert "model.backbone.name: unknown backbone 'wann'; allowed: hunyuan, ltx, wan" in errs
     assert "model.controls[0].name: unknown control 'pluker'; allowed: actions, plucker" in errs
 
 

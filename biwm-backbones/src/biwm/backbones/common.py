@@ -1,12 +1,14 @@
 """What every diffusers backbone adapter shares: checks of a local diffusers-format weights folder
 (run when a recipe is validated), model dtypes, pinning diffusers' attention to one SDPA kernel, the
-per-window attention mask on a diffusers processor, the options and backbone methods around the
-transformer."""
+per-window attention mask on a diffusers processor, text encoders cached per prompt and loaded once,
+a VAE codec streamed by re-decoding context, the options and backbone methods around the transformer."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -17,6 +19,9 @@ from torch import Tensor, nn
 from biwm.core.checkpoint import read_json_object
 from biwm.core.config import InputDir
 from biwm.core.schedule import timestep as schedule_timestep
+from biwm.core.text import TextConditioning, TextEncoding
+
+from biwm.backbones.codecs import PixelCodec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -148,6 +153,98 @@ def channels_last_conv3d(module: nn.Module) -> None:
             conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
 
 
+class CachedTextEncoders(nn.Module):
+    """Named text encoders (the attributes ``NAMES``, each a callable prompts -> TextEncoding) whose
+    encodings are cached per prompt (the last ``cache_size``), trimmed to the prompt's real tokens (padding
+    is masked, so only its length changes: the text stream's)."""
+
+    NAMES: ClassVar[tuple[str, ...]]
+
+    def __init__(self, cache_size: int = 64):
+        super().__init__()
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, TextConditioning] = OrderedDict()
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> TextConditioning:
+        new = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if new:
+            encoded = {name: getattr(self, name)(new) for name in self.NAMES}
+            for row, prompt in enumerate(new):
+                self._cache[prompt] = TextConditioning({name: _trimmed(enc, row) for name, enc in encoded.items()})
+        for prompt in prompts:
+            self._cache.move_to_end(prompt)
+        device = next(chain(self.parameters(), self.buffers())).device  # cached rows follow the encoders' moves
+        out = TextConditioning.cat([self._cache[p].to(device) for p in prompts])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return out.to(dtype=torch.float32)
+
+
+def _trimmed(enc: TextEncoding, row: int) -> TextEncoding:
+    """Row ``row`` of ``enc`` up to its last real token (one masked token if it has none)."""
+    mask = enc.mask[row]
+    length = int(mask.nonzero().max()) + 1 if mask.any() else 1
+    return TextEncoding(enc.embeds[row : row + 1, :length], mask[None, :length])
+
+
+_LOADED_TEXT_ENCODERS: dict[tuple[str, str, str], nn.Module] = {}
+
+
+def load_text_encoders_once(family: str, weights: Path, dtype: torch.dtype,
+                            load: Callable[[Path, torch.dtype], nn.Module]) -> nn.Module:
+    """``load(weights, dtype)``, once per process and weights folder (a distill stage builds three backbones)."""
+    key = (family, str(weights.resolve()), str(dtype))
+    if key not in _LOADED_TEXT_ENCODERS:
+        _LOADED_TEXT_ENCODERS[key] = load(weights, dtype)
+    return _LOADED_TEXT_ENCODERS[key]
+
+
+class ContextVAECodec(nn.Module):
+    """A frozen diffusers video VAE whose decoder keeps no state between calls (subclasses: ``encode`` and
+    ``decode`` with the pipeline's latent scaling). Streaming decode re-decodes the last ``decode_context``
+    latent frames before each chunk."""
+
+    def __init__(self, vae: nn.Module, spatial_factor: int, temporal_factor: int, latent_channels: int,
+                 decode_context: int = 16):
+        super().__init__()
+        self.vae = vae.requires_grad_(False).eval()
+        self.spatial_factor = spatial_factor
+        self.temporal_factor = temporal_factor
+        self.latent_channels = latent_channels
+        self.decode_context = decode_context
+
+    def stream_decoder(self) -> ContextStreamDecoder:
+        return ContextStreamDecoder(self)
+
+    def channels_last_decoder(self) -> None:
+        """The decoder's Conv3d weights in channels-last (NDHWC) layout."""
+        channels_last_conv3d(self.vae.decoder)
+
+    def compile_decoder(self, **kwargs: Any) -> None:
+        self.vae.decoder.compile(**kwargs)
+
+
+class ContextStreamDecoder:
+    """Decodes a rollout chunk by chunk with a :class:`ContextVAECodec`: each chunk is decoded after the last
+    ``decode_context`` latent frames before it and only its own frames are kept. Equal to decoding the whole
+    video so far while the rollout is no longer than that (for a causal decoder, to decoding the whole
+    video), a bounded approximation after."""
+
+    def __init__(self, codec: ContextVAECodec):
+        self.codec = codec
+        self.context: Tensor | None = None
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        window = latents if self.context is None else torch.cat([self.context, latents.to(self.context)], dim=2)
+        frames = self.codec.decode(window)
+        if self.context is not None:
+            frames = frames[:, :, -latents.shape[2] * self.codec.temporal_factor:]
+        self.context = window[:, :, -self.codec.decode_context:]
+        return frames
+
+
 class DiffusersBackbone(nn.Module):
     """What the adapters share around their transformer: the codec (a VAE codec or the tiny presets'
     pixel codec), the speed capabilities, the 1000-sigma timestep convention."""
@@ -261,6 +358,40 @@ class BackboneOptions(BaseModel):
             raise ValueError(f"weights: preset {self.preset!r} needs a local diffusers-format directory "
                              "(or random_init: true for speed/memory runs)")
         return self
+
+    def build_transformer(self, model_class: type) -> nn.Module:
+        """The preset's diffusers transformer (``model_class``), loaded from ``weights`` or built at the preset's
+        config with random weights, in ``dtype``; gradient checkpointing on when asked."""
+        dtype = DTYPES[self.dtype]
+        if self.weights is not None:
+            transformer = model_class.from_pretrained(transformer_dir(Path(self.weights), self.FAMILY),
+                                                      torch_dtype=dtype)
+        else:
+            transformer = cast_like_from_pretrained(model_class(**self.transformer_config()), dtype)
+        if self.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        return transformer
+
+    def build_codec(self, codec_class: type, vae_class: type, **codec_options: Any) -> nn.Module:
+        """The preset's codec: the pixel codec, or ``codec_class(vae, **codec_options)`` around its VAE
+        (``vae_class``) from ``weights``' vae/, or built at the preset's config with random weights."""
+        codec = self.PRESETS[self.preset]["codec"]
+        if codec["kind"] == "pixel":
+            return PixelCodec(codec["spatial_factor"])
+        dtype = DTYPES[self.dtype]
+        if "vae" in self.missing_parts():
+            vae = vae_class(**codec["vae"]).to(dtype)
+        else:
+            vae = vae_class.from_pretrained(Path(self.weights) / "vae", torch_dtype=dtype)
+        return codec_class(vae, **codec_options)
+
+    def random_parts(self) -> list[str]:
+        """What a VAE preset runs with random weights (the runner prints it): the transformer without
+        ``weights``, the parts ``weights`` lacks (tokenizers have no weights)."""
+        if self.pixel_codec:
+            return []
+        return (["transformer"] if self.weights is None else []) + [
+            self.PART_NAMES[p] for p in self.missing_parts() if not p.startswith("tokenizer")]
 
     def missing_parts(self) -> list[str]:
         """Sub-folders of ``PART_NAMES`` a VAE preset needs beside the transformer that ``weights`` lacks (all

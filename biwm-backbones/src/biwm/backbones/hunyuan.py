@@ -15,9 +15,7 @@ pipeline.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
-from itertools import chain
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -30,10 +28,9 @@ from biwm.core.config import InputDir
 from biwm.core.protocols import BlockOutput
 from biwm.core.text import TextConditioning, TextEncoding
 
-from biwm.backbones.codecs import ByteTextEncoder, PixelCodec
-from biwm.backbones.common import (DTYPES, BackboneConfigError, BackboneOptions, DiffusersBackbone,
-                                   MaskableProcessor, cast_like_from_pretrained, channels_last_conv3d,
-                                   transformer_dir)
+from biwm.backbones.codecs import ByteTextEncoder
+from biwm.backbones.common import (DTYPES, BackboneConfigError, BackboneOptions, CachedTextEncoders,
+                                   ContextVAECodec, DiffusersBackbone, MaskableProcessor, load_text_encoders_once)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -172,18 +169,15 @@ class WindowBlock(nn.Module):
 
 
 # -- codec ----------------------------------------------------------------------------------------
-class HunyuanVAECodec(nn.Module):
-    """AutoencoderKLHunyuanVideo15 with the pipeline's latent scaling; frozen."""
+class HunyuanVAECodec(ContextVAECodec):
+    """AutoencoderKLHunyuanVideo15 with the pipeline's latent scaling; frozen. Its decoder is causal over
+    latent frames, so streaming decode equals a full decode while the rollout fits ``decode_context``."""
 
     def __init__(self, vae: nn.Module, decode_context: int = 16):
-        super().__init__()
-        self.vae = vae.requires_grad_(False).eval()
         cfg = vae.config
-        self.spatial_factor = cfg.spatial_compression_ratio
-        self.temporal_factor = cfg.temporal_compression_ratio
-        self.latent_channels = cfg.latent_channels
+        super().__init__(vae, cfg.spatial_compression_ratio, cfg.temporal_compression_ratio, cfg.latent_channels,
+                         decode_context)
         self.scaling_factor = cfg.scaling_factor
-        self.decode_context = decode_context
 
     @torch.no_grad()
     def encode(self, frames: Tensor) -> Tensor:
@@ -193,36 +187,6 @@ class HunyuanVAECodec(nn.Module):
     def decode(self, latents: Tensor) -> Tensor:
         z = (latents.float() / self.scaling_factor).to(self.vae.dtype)
         return self.vae.decode(z).sample.float().clamp(-1, 1)
-
-    def stream_decoder(self) -> "HunyuanStreamDecoder":
-        return HunyuanStreamDecoder(self)
-
-    def channels_last_decoder(self) -> None:
-        """The decoder's Conv3d weights in channels-last (NDHWC) layout."""
-        channels_last_conv3d(self.vae.decoder)
-
-    def compile_decoder(self, **kwargs: Any) -> None:
-        self.vae.decoder.compile(**kwargs)
-
-
-class HunyuanStreamDecoder:
-    """Decodes a rollout chunk by chunk. The VAE decoder is causal over latent frames but keeps no state
-    between calls, so each chunk is decoded after the last ``decode_context`` latent frames before it and
-    only its own frames are kept: equal to decoding the whole video at once while the rollout is no longer
-    than that, a bounded approximation after."""
-
-    def __init__(self, codec: HunyuanVAECodec):
-        self.codec = codec
-        self.context: Tensor | None = None
-
-    @torch.no_grad()
-    def decode(self, latents: Tensor) -> Tensor:
-        window = latents if self.context is None else torch.cat([self.context, latents.to(self.context)], dim=2)
-        frames = self.codec.decode(window)
-        if self.context is not None:
-            frames = frames[:, :, -latents.shape[2] * self.codec.temporal_factor:]
-        self.context = window[:, :, -self.codec.decode_context:]
-        return frames
 
 
 # -- text -----------------------------------------------------------------------------------------
@@ -268,17 +232,15 @@ class PipelineEncoder(nn.Module):
         return TextEncoding(embeds, mask.bool())
 
 
-class HunyuanTextEncoders(nn.Module):
-    """Qwen2.5-VL (``"mllm"``) and ByT5 (``"byt5"``), each a callable prompts -> TextEncoding. Encodings
-    are cached per prompt (the last ``cache_size``), trimmed to the prompt's real tokens (padding is
-    masked, so only its length changes: the text stream's)."""
+class HunyuanTextEncoders(CachedTextEncoders):
+    """Qwen2.5-VL (``"mllm"``) and ByT5 (``"byt5"``), each a callable prompts -> TextEncoding, cached per prompt."""
+
+    NAMES: ClassVar[tuple[str, ...]] = ("mllm", "byt5")
 
     def __init__(self, mllm: nn.Module, byt5: nn.Module, cache_size: int = 64):
-        super().__init__()
+        super().__init__(cache_size)
         self.mllm = mllm
         self.byt5 = byt5
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, TextConditioning] = OrderedDict()
 
     @classmethod
     def stand_ins(cls, mllm_width: int, byt5_width: int) -> HunyuanTextEncoders:
@@ -307,28 +269,6 @@ class HunyuanTextEncoders(nn.Module):
                                    lambda tok, enc, p, dev, n: Pipe._get_mllm_prompt_embeds(enc, tok, p, dev, n), 1000),
                    PipelineEncoder(tokenizer_2, load("text_encoder_2"),
                                    lambda tok, enc, p, dev, n: Pipe._get_byt5_prompt_embeds(tok, enc, p, dev, n), 256))
-
-    @torch.no_grad()
-    def forward(self, prompts: list[str]) -> TextConditioning:
-        new = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if new:
-            encoded = {"mllm": self.mllm(new), "byt5": self.byt5(new)}
-            for row, prompt in enumerate(new):
-                self._cache[prompt] = TextConditioning({name: _trimmed(enc, row) for name, enc in encoded.items()})
-        for prompt in prompts:
-            self._cache.move_to_end(prompt)
-        device = next(chain(self.parameters(), self.buffers())).device  # cached rows follow the encoders' moves
-        out = TextConditioning.cat([self._cache[p].to(device) for p in prompts])
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return out.to(dtype=torch.float32)
-
-
-def _trimmed(enc: TextEncoding, row: int) -> TextEncoding:
-    """Row ``row`` of ``enc`` up to its last real token (one masked token if it has none)."""
-    mask = enc.mask[row]
-    length = int(mask.nonzero().max()) + 1 if mask.any() else 1
-    return TextEncoding(enc.embeds[row : row + 1, :length], mask[None, :length])
 
 
 # -- the backbone ---------------------------------------------------------------------------------
@@ -448,48 +388,22 @@ class HunyuanBackbone(DiffusersBackbone):
         return self.text_encoder(prompts)
 
 
-_LOADED_TEXT_ENCODERS: dict[tuple[str, str], HunyuanTextEncoders] = {}
-
-
 def load_text_encoders(weights: Path, dtype: torch.dtype) -> HunyuanTextEncoders:
     """The release's text encoders, loaded once per process (a distill stage builds three backbones)."""
-    key = (str(weights.resolve()), str(dtype))
-    if key not in _LOADED_TEXT_ENCODERS:
-        _LOADED_TEXT_ENCODERS[key] = HunyuanTextEncoders.from_weights(weights, dtype)
-    return _LOADED_TEXT_ENCODERS[key]
+    return load_text_encoders_once("hunyuan", weights, dtype, HunyuanTextEncoders.from_weights)
 
 
 def build_hunyuan(options: HunyuanOptions, **_: Any) -> HunyuanBackbone:
     from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15Transformer3DModel
 
-    preset = PRESETS[options.preset]
-    dtype = DTYPES[options.dtype]
-    weights = Path(options.weights) if options.weights is not None else None
-    if weights is not None:
-        transformer = HunyuanVideo15Transformer3DModel.from_pretrained(transformer_dir(weights, "HunyuanVideo-1.5"),
-                                                                       torch_dtype=dtype)
-    else:
-        transformer = cast_like_from_pretrained(HunyuanVideo15Transformer3DModel(**options.transformer_config()), dtype)
-    if options.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-
+    transformer = options.build_transformer(HunyuanVideo15Transformer3DModel)
     cfg = transformer.config
-    codec_cfg = preset["codec"]
-    missing = options.missing_parts()
-    if codec_cfg["kind"] == "pixel":
-        codec: nn.Module = PixelCodec(codec_cfg["spatial_factor"])
-    elif "vae" in missing:
-        codec = HunyuanVAECodec(AutoencoderKLHunyuanVideo15(**codec_cfg["vae"]).to(dtype), options.decode_context)
-    else:
-        codec = HunyuanVAECodec(AutoencoderKLHunyuanVideo15.from_pretrained(weights / "vae", torch_dtype=dtype),
-                                options.decode_context)
-    text_parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-    if weights is not None and codec_cfg["kind"] != "pixel" and not set(text_parts) & set(missing):
-        text_encoder = load_text_encoders(weights, DTYPES[options.text_dtype])
+    codec = options.build_codec(HunyuanVAECodec, AutoencoderKLHunyuanVideo15, decode_context=options.decode_context)
+    text_parts = {"text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"}
+    if not options.pixel_codec and not text_parts & set(options.missing_parts()):
+        text_encoder = load_text_encoders(Path(options.weights), DTYPES[options.text_dtype])
     else:  # random-weight runs and the tiny preset: stand-ins of the encoders' widths
         text_encoder = HunyuanTextEncoders.stand_ins(cfg.text_embed_dim, cfg.text_embed_2_dim)
     backbone = HunyuanBackbone(transformer, codec, text_encoder, options.preset)
-    if codec_cfg["kind"] != "pixel":  # printed by the runner: random parts only come with random_init
-        backbone.random_parts = (["transformer"] if weights is None else []) + [
-            options.PART_NAMES[p] for p in missing if not p.startswith("tokenizer")]
+    backbone.random_parts = options.random_parts()  # printed by the runner: random parts only with random_init
     return backbone

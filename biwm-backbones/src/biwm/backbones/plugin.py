@@ -14,3 +14,8 @@ def register_backbones(register):
 
     register("hunyuan", build_hunyuan, options=HunyuanOptions,
              description="HunyuanVideo-1.5 video DiT via diffusers (presets: tiny, hunyuanvideo-1.5-480p)")
+
+    from biwm.backbones.ltx import LTXOptions, build_ltx
+
+    register("ltx", build_ltx, options=LTXOptions,
+             description="LTX-2.3 video DiT via diffusers, its video stream (presets: tiny, ltx-2.3-22b)")

@@ -87,7 +87,9 @@ class Backbone(Protocol):
 
     @property
     def patch_embedding(self) -> nn.Conv3d:
-        """The backbone's own patch-embedding convolution (compressors derive coarser kernels from it)."""
+        """The backbone's patch embedding as a convolution over the latent channels (compressors derive
+        coarser kernels from it): its own, or an equivalent copy where the patchifier is not one (LTX-2's
+        Linear over packed patches, HunyuanVideo-1.5's extra conditioning channels)."""
 
     def attention_features(self, tokens: Tensor, block: int = 0) -> tuple[Tensor, Tensor]:
         """Self-attention queries and keys [B, L, heads, head_dim] of ``block`` for [B, L, D] tokens,
