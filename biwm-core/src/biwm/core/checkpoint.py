@@ -344,8 +344,15 @@ def _own_checkpoints(folder: Path) -> list[Path]:
 
 
 def verify_checkpoint(path: Path) -> None:
-    """Read every file of a checkpoint and check it against its checksum; raises CorruptFileError."""
+    """Read every file of a checkpoint and check it against its checksum; raises CorruptFileError. A
+    sharded checkpoint (:mod:`biwm.core.sharded`) is checked for its index and its ranks' RNG files."""
     state = _read_state(path)
+    if "sharded" in state:
+        if not (path / ".metadata").is_file():
+            raise CorruptFileError(f"{path}: sharded checkpoint without its index (.metadata)")
+        for rank in range(int(state["sharded"]["world_size"])):
+            load_tensors(path / f"rng_{rank}.safetensors", "checkpoint file")
+        return
     for name in ["model", *(f"optim_{o}" for o in state.get("optimizers", {})), "rng"]:
         load_tensors(path / f"{name}.safetensors", "checkpoint file")
 
@@ -377,6 +384,10 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizers: dict[
                     generator: torch.Generator | None = None) -> dict[str, Any]:
     """Restore weights, optimizer states and RNG from a ``step_N`` folder; returns its state.json."""
     meta = _read_state(path)
+    if "sharded" in meta:  # written by several processes (biwm.core.sharded)
+        from biwm.core.sharded import check_world_size
+
+        check_world_size(path, meta, 1)
     load_module_state(modules, load_tensors(path / "model.safetensors", "checkpoint file"), source=str(path))
     for name, opt in optimizers.items():
         load_optimizer(opt, load_tensors(path / f"optim_{name}.safetensors", "checkpoint file"),
@@ -388,8 +399,10 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module], optimizers: dict[
     return meta
 
 
-def save_weights(path: Path, modules: dict[str, nn.Module], metadata: dict[str, str] | None = None) -> None:
-    """A stage's model file; refuses non-finite weights (FloatingPointError naming the file)."""
-    weights = module_state(modules)
+def save_weights(path: Path, modules: dict[str, nn.Module], metadata: dict[str, str] | None = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
+    """A stage's model file: the modules' weights (or ``weights``, already named as
+    :func:`module_state` names them); refuses non-finite weights (FloatingPointError naming the file)."""
+    weights = module_state(modules) if weights is None else weights
     check_finite(weights, path)
     atomic_save_tensors(weights, path, metadata)

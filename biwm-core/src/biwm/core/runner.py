@@ -8,10 +8,11 @@ imported only when that stage runs."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -79,6 +80,10 @@ class RunContext:
             from accelerate import Accelerator
 
             self._accelerator = Accelerator(log_with=self.log_with, project_dir=self.run_dir / "logs")
+            if distributed_state() is not None:
+                from biwm.core.sharded import fsdp_on_cpu
+
+                fsdp_on_cpu(self._accelerator)
             if self.log_with:
                 self._accelerator.init_trackers(self.recipe.name)
             if self._accelerator.device.type == "cuda":
@@ -263,6 +268,16 @@ def run_stage(ctx: RunContext, stage: Any, name: str, stage_dir: Path) -> dict[s
         raise RunError(f"stage {name}" + (f" (model {weights})" if weights else "") + f": {exc}") from None
 
 
+def distributed_state():
+    """accelerate's process state when this process is one of several (``accelerate launch
+    --num_processes N``, N > 1), else None: a single process never starts a process group."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())  # without a GPU: gloo over the CPU processes
+
+
 def run_recipe(recipe: Recipe, resume: bool = False, console: Console | None = None, force: bool = False,
                log_with: str | None = None) -> dict[str, Any]:
     """Run the recipe's stages in ``run_dir``, holding its lock. A folder that already holds a run
@@ -275,13 +290,21 @@ def run_recipe(recipe: Recipe, resume: bool = False, console: Console | None = N
         raise RunError(f"--resume: {run_dir} holds no run to resume (no recipe.yaml); leave out --resume to start one")
     run_dir.mkdir(parents=True, exist_ok=True)
     folders = stage_folders(recipe.stage_names())
-    with run_lock(run_dir):
-        for path in remove_temporaries(run_dir):
-            console.print(f"removed {path}, left by an interrupted write", highlight=False)
-        run_id = _start(run_dir, recipe, folders, resume, force, console)
-        _check_cache(run_dir, console)
-        atomic_write_text(run_dir / RUN_FILE, json.dumps({"run_id": run_id}))
-        atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.snapshot(), sort_keys=False))
+    group = distributed_state()  # None: one process (no process group); else rank 0 alone writes the run's files
+    main = group is None or group.is_main_process
+    if not main:
+        console.quiet = True  # the other ranks print nothing (the caller's console too)
+    with run_lock(run_dir) if main else nullcontext():
+        if main:
+            for path in remove_temporaries(run_dir):
+                console.print(f"removed {path}, left by an interrupted write", highlight=False)
+            run_id = _start(run_dir, recipe, folders, resume, force, console)
+            _check_cache(run_dir, console)
+            atomic_write_text(run_dir / RUN_FILE, json.dumps({"run_id": run_id}))
+            atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.snapshot(), sort_keys=False))
+        if group is not None:
+            group.wait_for_everyone()
+            run_id = json.loads((run_dir / RUN_FILE).read_text())["run_id"]
         ctx = RunContext(recipe=recipe, run_dir=run_dir, resume=resume, console=console, log_with=log_with)
         token = current_run_id.set(run_id)
         try:
@@ -295,15 +318,19 @@ def run_recipe(recipe: Recipe, resume: bool = False, console: Console | None = N
                     console.rule(f"stage {index + 1}/{len(recipe.stages)}: {name}")
                     done.unlink(missing_ok=True)
                     stage_metrics = run_stage(ctx, stage, name, stage_dir)
-                    atomic_write_text(stage_dir / "metrics.json", json.dumps(stage_metrics, indent=2))
-                    atomic_write_text(stage_dir / "stage.yaml", yaml.safe_dump(stage.model_dump(mode="json"),
-                                                                               sort_keys=False))
-                    atomic_write_text(done, "")
+                    if main:
+                        atomic_write_text(stage_dir / "metrics.json", json.dumps(stage_metrics, indent=2))
+                        atomic_write_text(stage_dir / "stage.yaml", yaml.safe_dump(stage.model_dump(mode="json"),
+                                                                                   sort_keys=False))
+                        atomic_write_text(done, "")
+                if group is not None:
+                    group.wait_for_everyone()  # the stage's files are written before any rank reads them
                 if (stage_dir / "model.safetensors").is_file():
                     ctx.previous_weights = stage_dir / "model.safetensors"
                 # one block per stage: generate's and evaluate's keys (chunks, psnr_*) mean different things
                 ctx.metrics.setdefault("stages", {})[name] = stage_metrics
-                atomic_write_text(run_dir / "metrics.json", json.dumps(ctx.metrics, indent=2))
+                if main:
+                    atomic_write_text(run_dir / "metrics.json", json.dumps(ctx.metrics, indent=2))
         finally:
             current_run_id.reset(token)
             ctx.end()

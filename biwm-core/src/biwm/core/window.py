@@ -83,6 +83,15 @@ class WorldModel(nn.Module):
         self.compressor = compressor
         self.last_window_tokens: int | None = None  # set by each forward: what the blocks attended over
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The class names of the modules the backbone runs as its blocks (``block_modules``): accelerate's FSDP
+        auto-wrap (TRANSFORMER_BASED_WRAP) shards each such block as its own unit, gathered by its forward; the
+        rest of the model (embeddings, controls, compressor, output) is the root's, gathered by this forward.
+        A backbone whose window blocks re-compose a block outside the model's modules (hunyuan, ltx) names no
+        class found in the model: the whole model is then one unit, still correct."""
+        return sorted({type(block).__name__ for block in self.backbone.block_modules()})
+
     def trainable_modules(self) -> dict[str, nn.Module]:
         """What checkpoints hold: the transformer, the controls, the compressor (not the codec)."""
         return {"transformer": self.backbone.trainable(), "controls": self.controls, "compressor": self.compressor}

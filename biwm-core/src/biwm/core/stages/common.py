@@ -51,29 +51,36 @@ def text_embeddings(world: WorldModel, prompt: str, batch: int,
 def training_batches(ctx: "RunContext", batch_size: int, latent_frames: int, backbone, device: torch.device,
                      resident: bool = False) -> Callable[[torch.Generator], tuple["LatentClips", torch.Tensor]]:
     """How a training stage reads the dataset's training split: ``draw(generator) -> (clips, rows)``,
-    the batch being rows ``rows`` of ``clips``. A dataset that streams
+    the batch being rows ``rows`` of ``clips``. ``batch_size`` is the global batch: with several
+    processes each gets its own share of it. A dataset that streams
     (:class:`biwm.core.protocols.StreamedClips`, e.g. from its latent cache) gives each batch as it
-    is needed, this rank's share, every clip once per pass (``rows`` all of the batch, in order, the
-    generator untouched); otherwise every training clip is read (and encoded) now, kept on ``device``
-    when ``resident``, and ``rows`` drawn from ``generator`` with replacement."""
+    is needed, this rank's share of the clips, every clip once per pass (``rows`` all of the batch,
+    in order, the generator untouched); otherwise every training clip is read (and encoded) now, kept
+    on ``device`` when ``resident``, and ``rows`` drawn from ``generator`` with replacement: the global
+    batch, the same on every rank (the generator is), of which each rank keeps its consecutive share."""
     from biwm.core.protocols import StreamedClips
 
     dataset, source = ctx.dataset, ctx.recipe.data.source
+    acc = ctx.accelerator
+    share = slice(None)
+    if acc.num_processes > 1:
+        from biwm.core.sharded import batch_share
+
+        share = batch_share(batch_size, acc)
     stream = None
-    if isinstance(dataset, StreamedClips):
-        acc = ctx.accelerator  # this process's share
-        stream = dataset.train_batches(batch_size, latent_frames, backbone, ctx.cache_key(), ctx.recipe.seed,
-                                       acc.process_index, acc.num_processes)
+    if isinstance(dataset, StreamedClips):  # this process's share
+        stream = dataset.train_batches(batch_size // acc.num_processes, latent_frames, backbone, ctx.cache_key(),
+                                       ctx.recipe.seed, acc.process_index, acc.num_processes)
     if stream is not None:
         ctx.console.print(f"streaming {dataset.train_clips} training clips from the {source} dataset's latent cache")
-        rows = torch.arange(batch_size)
+        rows = torch.arange(batch_size // acc.num_processes)
         return lambda _generator: (next(stream), rows)
     with ctx.console.status(f"reading and encoding {dataset.train_clips} training clips ({source})"):
         data = dataset.latents("train", dataset.train_clips, latent_frames, backbone, ctx.run_dir / "cache",
                                ctx.cache_key(), device=device)
     if resident:
         data = data.to(device)  # a step gathers its windows where they are
-    return lambda generator: (data, torch.randint(len(data), (batch_size,), generator=generator))
+    return lambda generator: (data, torch.randint(len(data), (batch_size,), generator=generator)[share])
 
 
 def clips_text(clips: "LatentClips", prompt_text: TextConditioning, device: torch.device,

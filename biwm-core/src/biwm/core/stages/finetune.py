@@ -22,7 +22,8 @@ from biwm.core.text import TextConditioning
 class FinetuneConfig(Strict):
     stage: Literal["finetune"] = "finetune"
     steps: int = Field(200, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="the global batch: with N processes (accelerate launch "
+                            "--num_processes N) each trains on batch_size / N of its clips (a multiple of N)")
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
@@ -115,39 +116,40 @@ def make_optimizer(world, cfg: FinetuneConfig, fused: bool = False) -> torch.opt
 
 def finetune_loss(world, cfg: FinetuneConfig, x0: torch.Tensor, history: torch.Tensor, camera,
                   text: TextConditioning, null_text: TextConditioning, generator: torch.Generator,
-                  attention: str | None = None) -> torch.Tensor:
+                  attention: str | None = None, part: tuple[int, int] | None = None) -> torch.Tensor:
     """Flow-matching loss of one batch of windows: the chunk noised to a random level, optional
     noise on the history, text and control dropped per sample (for classifier-free guidance).
 
     Every random draw comes from ``generator`` on its own device (a CUDA generator keeps the step
-    free of host-to-device copies)."""
+    free of host-to-device copies). ``part`` (rank, processes): the batch is that rank's consecutive
+    share of a global batch, and each draw is the global batch's, of which it keeps its rows, so N
+    processes draw what one process draws for the whole batch."""
     from biwm.core.schedule import add_noise, training_sigmas, velocity_target
     from biwm.core.window import Window, noise_history
 
     device = x0.device
     where = generator.device
     b = x0.shape[0]
+    full, rows = (b, slice(None)) if part is None else (b * part[1], slice(part[0] * b, (part[0] + 1) * b))
 
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.rand(shape, generator=generator, device=where).to(device)
+    def draw(fn, *shape: int) -> torch.Tensor:  # per sample: the global batch's draw, this share's rows
+        return fn((full, *shape), generator=generator, device=where)[rows].to(device)
 
-    noise = torch.randn(x0.shape, generator=generator, device=where).to(device)
-    sigma = training_sigmas(b, cfg.timestep_shift, generator, device=where).to(device)
+    noise = draw(torch.randn, *x0.shape[1:])
+    sigma = training_sigmas(full, cfg.timestep_shift, generator, device=where)[rows].to(device)
     if cfg.history_noise > 0 and history.shape[2]:
-        noisy = (rand(b) < cfg.history_noise_prob).float()
-        history = history + cfg.history_noise * noisy.view(-1, 1, 1, 1, 1) * torch.randn(
-            history.shape, generator=generator, device=where).to(device)
+        noisy = (draw(torch.rand) < cfg.history_noise_prob).float()
+        history = history + cfg.history_noise * noisy.view(-1, 1, 1, 1, 1) * draw(torch.randn, *history.shape[1:])
     history_sigma = None
     if cfg.history_sigma_max > 0 and history.shape[2]:
-        history_sigma = rand(b) * cfg.history_sigma_max
-    drop_text = rand(b) < cfg.text_dropout
+        history_sigma = draw(torch.rand) * cfg.history_sigma_max
+    drop_text = draw(torch.rand) < cfg.text_dropout
     batch_text = TextConditioning.where(drop_text, null_text, text)
-    control_mask = (rand(b) >= cfg.control_dropout).float()
+    control_mask = (draw(torch.rand) >= cfg.control_dropout).float()
     window = Window(text=batch_text, chunk=add_noise(x0, noise, sigma), timestep=world.backbone.timestep(sigma), history=history,
                     camera=camera, control_mask=control_mask, attention=attention)
     if history_sigma is not None:
-        window = noise_history(window, history_sigma, torch.randn(history.shape, generator=generator,
-                                                                  device=where).to(device))
+        window = noise_history(window, history_sigma, draw(torch.randn, *history.shape[1:]))
     with torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
         velocity = world(window)
     return torch.nn.functional.mse_loss(velocity.float(), velocity_target(x0, noise).float())
@@ -173,6 +175,17 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     recipe = ctx.recipe
     acc = ctx.accelerator
     device = acc.device
+    sharded = acc.num_processes > 1 or acc.distributed_type == "FSDP"  # else one process: none of what follows
+    if sharded:
+        from biwm.core import sharded as fsdp
+
+        sharded = fsdp.is_sharded(acc)
+        if not sharded:
+            raise ValueError("stage finetune: several processes train only under FSDP2 (accelerate launch --use_fsdp "
+                             "--fsdp_version 2, or --config_file examples/accelerate/fsdp2.yaml)")
+        if cfg.ema or cfg.compile:
+            raise ValueError("stage finetune: ema and compile are not supported under FSDP2 yet; set them off "
+                             "(null / false) or train in one process")
     torch.manual_seed(recipe.seed)
     world = load_world_model(ctx, init=cfg.init, strict=cfg.init is None)
     world.to(device)
@@ -188,10 +201,16 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     tf = world.backbone.temporal_factor
     latent_frames = 1 + (dataset.frames - 1) // tf
     draw = training_batches(ctx, cfg.batch_size, latent_frames, world.backbone, device, resident=True)
-    prompt_text, null_text = text_embeddings(world, dataset.prompt, cfg.batch_size, device)
+    part = (acc.process_index, acc.num_processes) if sharded else None
+    prompt_text, null_text = text_embeddings(world, dataset.prompt, cfg.batch_size // acc.num_processes, device)
 
+    if sharded:
+        fsdp.prepare_plugin(acc, world)
     world, optimizer = acc.prepare(world, optimizer)
     model = acc.unwrap_model(world)
+    if sharded:  # FSDP2 replaced the parameters by their shards
+        params = [p for p in world.parameters() if p.requires_grad]
+        ctx.console.print(fsdp.describe(world, acc), highlight=False)
     forward = world
     if cfg.compile in (True, "blocks"):
         from biwm.core.speed import compile_blocks
@@ -213,7 +232,8 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     ckpt_dir = stage_dir / "checkpoints"
     step, meta = 0, {}
     if ctx.resume and (ckpts := list_checkpoints(ckpt_dir)):
-        meta = load_checkpoint(ckpts[-1], saved, {"model": optimizer}, generator)
+        meta = (fsdp.load_sharded_checkpoint(ckpts[-1], world, optimizer, generator, acc) if sharded else
+                load_checkpoint(ckpts[-1], saved, {"model": optimizer}, generator))
         step = meta["step"]
         ctx.console.print(f"resumed finetune from {ckpts[-1].name} (step {step})")
     done_before = meta.get("extra", {})  # the interrupted part's losses and time, for the metrics
@@ -227,7 +247,8 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     def read_losses() -> None:
         if not pending:
             return
-        values = torch.stack(pending).tolist()
+        values = torch.stack(pending)
+        values = (acc.reduce(values, "mean") if sharded else values).tolist()  # the global batch's loss
         pending.clear()
         bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
         if bad is not None:
@@ -243,7 +264,7 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
             batch, rows = draw(generator)
             x0, history, camera = sample_batch(batch, cfg, generator, device, rows)
             text = clips_text(batch, prompt_text, device, rows)
-            loss = finetune_loss(forward, cfg, x0, history, camera, text, null_text, noise_generator)
+            loss = finetune_loss(forward, cfg, x0, history, camera, text, null_text, noise_generator, part=part)
             acc.backward(loss)
             grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
@@ -260,14 +281,23 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
                     ctx.log({"finetune/loss": sum(recent) / len(recent), "finetune/lr": cfg.lr_at(step - 1),
                              "finetune/grad_norm": float(grad_norm)}, step=step)
                 shown = step
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps and acc.is_main_process:
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps and sharded:  # every rank writes its shards
+                read_losses()
+                fsdp.save_sharded_checkpoint(ckpt_dir, step, world, optimizer,
+                                             {"losses": losses, "seconds": time.time() - started}, generator, acc)
+            elif step % cfg.checkpoint_every == 0 and step < cfg.steps and acc.is_main_process:
                 read_losses()
                 save_checkpoint(ckpt_dir, step, saved, {"model": optimizer},
                                 {"losses": losses, "seconds": time.time() - started}, generator)
     read_losses()
     seconds = time.time() - started
 
-    if acc.is_main_process:
+    if sharded:  # gathered in full on rank 0, which alone writes it
+        weights = fsdp.full_weights(world, model.trainable_modules(), acc)
+        if acc.is_main_process:
+            save_weights(stage_dir / "model.safetensors", {}, {"stage": "finetune", **model_card(ctx, "finetune")},
+                         weights=weights)
+    elif acc.is_main_process:
         final = ema.modules_by_name() if ema is not None else model.trainable_modules()
         if not all(bool(torch.isfinite(p).all()) for m in final.values() for p in m.parameters()):
             raise FloatingPointError(f"finetune weights hold NaN or inf after step {step}; {_blame(cfg)}")
