@@ -291,7 +291,8 @@ def attention_comparison(args, device: torch.device) -> dict[str, Any]:
                         world(window)
                     times.append(t.seconds())
                 out[name] = median(times)
-            except RuntimeError as e:  # a kernel that does not support these shapes or dtype
+            except (RuntimeError, ValueError) as e:  # a kernel that does not support these shapes, dtype or mask
+                # (diffusers raises ValueError for flash with an attention mask: HunyuanVideo-1.5's text mask)
                 out[name] = None
                 print(f"attention {name}: not available ({str(e).splitlines()[0][:100]})", file=sys.stderr)
         set_attention(world, "auto")

@@ -123,6 +123,9 @@ def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
                 loss = finetune_loss(world, cfg, x0, history, camera, text, null, noise, "bidirectional")
                 loss.backward()
                 optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            print(f"{preset} {variant}: history {h_len} compiled, {counters['stats']['unique_graphs']} graphs, "
+                  f"{time.perf_counter() - began:.0f} s", flush=True)
     for step in range(total):
         if step == args.warmup:
             synchronize(device)
