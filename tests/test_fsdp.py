@@ -1,7 +1,7 @@
-"""The finetune stage under accelerate FSDP2 with 2 processes on the CPU (gloo): the same loss curve
-and weights as one process with the same global batch, and ``--resume`` after ``kill -9`` ends where
-an uninterrupted 2-process run ends. ``pytest -m distributed`` selects these (they run in the default
-suite too, ~1.5 min on 2 cores).
+"""The finetune and distill stages under accelerate FSDP2 with 2 processes on the CPU (gloo): the same
+losses and weights as one process with the same global batch, and ``--resume`` after ``kill -9`` ends
+where an uninterrupted 2-process run ends. ``pytest -m distributed`` selects these (they run in the default
+suite too, ~2.5 min on 2 cores).
 
 Tolerances: the two processes train on the same clips with the same noise as one process (each keeps
 its half of the global batch's draws), so the runs differ only by float32 rounding (gradients averaged
@@ -143,3 +143,108 @@ def test_blocks_are_the_wrapped_units():
 
     world = world_around(build_wan(WanOptions(preset="tiny", overrides={"num_layers": 2})))
     assert world._no_split_modules == ["WanTransformerBlock"]
+
+
+# -- distill ------------------------------------------------------------------------------------------
+# Both processes draw the global batch's noise, noise levels and exit step and keep their half, so a
+# 2-process distill differs from one process by float32 rounding only: measured 2.3e-5 on the weights
+# after 4 iterations (2 generator updates and their EMA), which move them by about 1e-3 from the teacher.
+DISTILL_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny stage-1 model (one process) that every distill run starts from."""
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import run_recipe
+
+    root = tmp_path_factory.mktemp("teacher")
+    data = tiny_recipe(root / "run", finetune={"steps": 4})
+    data["stages"] = data["stages"][:1]
+    run_recipe(validate_recipe(data))
+    return root / "run" / "finetune" / "model.safetensors"
+
+
+def distill_recipe(run_dir, teacher, critic="full", steps=DISTILL_STEPS, **extra):
+    data = tiny_recipe(run_dir)
+    data["stages"] = [{"stage": "distill", "steps": steps, "batch_size": 2, "history_frames": 2, "chunks": 2,
+                       "chunk_frames": 2, "student_steps": 2, "generator_every": 2, "checkpoint_every": 2,
+                       "critic": critic, "generator_lr": 1e-3, "critic_lr": 1e-3, "init": str(teacher), **extra}]
+    return data
+
+
+@pytest.fixture(scope="module")
+def distilled_two(teacher, tmp_path_factory):
+    """Uninterrupted 2-process distills, full and LoRA critic: {critic: (stage folder, stdout)}."""
+    out = {}
+    for critic in ("full", "lora"):
+        root = tmp_path_factory.mktemp(f"distill-{critic}")
+        path = root / "r.yaml"
+        path.write_text(yaml.safe_dump(distill_recipe(root / "run", teacher, critic)))
+        out[critic] = (root / "run" / "distill", launch(path).stdout)
+    return out
+
+
+@pytest.mark.parametrize("critic", ["full", "lora"])
+def test_distill_two_processes_match_one_process(distilled_two, teacher, tmp_path, critic):
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import run_recipe
+
+    stage, stdout = distilled_two[critic]
+    assert stdout.count("done:") == 1
+    assert "FSDP2 over 2 processes: the root and its wrapped blocks (2 WanTransformerBlock)" in stdout
+    ckpt = stage / "checkpoints" / "step_00000002"
+    assert (ckpt / ".metadata").is_file() and sorted(p.name for p in ckpt.glob("rng_*")) == \
+        ["rng_0.safetensors", "rng_1.safetensors"]
+    single = run_recipe(validate_recipe(distill_recipe(tmp_path / "one", teacher, critic)))["stages"]["distill"]
+    sharded = json.loads((stage / "metrics.json").read_text())
+    assert sharded["generator_updates"] == single["generator_updates"] == 2
+    for key in ("distill_generator_loss_last", "distill_critic_loss_last"):
+        assert sharded[key] == pytest.approx(single[key], abs=1e-4), key
+    a, b = load_file(str(stage / "model.safetensors")), load_file(str(tmp_path / "one" / "distill" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=2e-4, msg=key)
+    start = load_file(str(teacher))  # the distill trained: its EMA generator moved well beyond the tolerance
+    assert max((a[k] - start[k]).abs().max().item() for k in a if k in start) > 5e-4
+
+
+def test_distill_kill_and_resume_two_processes(distilled_two, teacher, tmp_path):
+    reference, _ = distilled_two["full"]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(distill_recipe(tmp_path / "run", teacher, steps=400)))
+    proc = launch(path, background=True)
+    ckpts = tmp_path / "run" / "distill" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (ckpts.is_dir() and any(ckpts.glob("step_*"))):
+        time.sleep(0.05)
+    ranks = psutil.Process(proc.pid).children(recursive=True)
+    for p in [psutil.Process(proc.pid), *ranks]:
+        p.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(ranks, timeout=30)
+    saved = sorted(p.name for p in ckpts.glob("step_*"))
+    assert saved and int(saved[-1].split("_")[1]) < DISTILL_STEPS, saved
+
+    launch(path, "--resume", "--set", f"distill.steps={DISTILL_STEPS}")
+    stage = tmp_path / "run" / "distill"
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["distill_iterations"] == DISTILL_STEPS and metrics["generator_updates"] == 2
+    a, b = load_file(str(stage / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:  # shards, optimizer states, EMA shards and each rank's RNG restored exactly
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_distill_refuses_a_loss_with_parameters_under_fsdp2(teacher, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(distill_recipe(tmp_path / "run", teacher,
+                                                  losses=[{"name": "dmd"}, {"name": "gan"}])))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "examples" / "accelerate" / "fsdp2.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "biwm.core.cli", "run", str(path)]
+    out = subprocess.run(cmd, env=subprocess_env(COLUMNS="200", OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0
+    assert "under FSDP2 only losses without parameters of their own run yet" in out.stdout + out.stderr
+    assert not (tmp_path / "run" / "distill" / "model.safetensors").exists()

@@ -39,11 +39,13 @@ class RolledChunk:
 
 def self_rollout(world: WorldModel, text: TextConditioning, history: Tensor, camera: CameraTrack | None, chunks: int,
                  chunk_frames: int, sigmas: Tensor, generator: torch.Generator, exit_step: int | None = None,
-                 attention: str | None = None, history_sigma: float = 0.0) -> list[RolledChunk]:
+                 attention: str | None = None, history_sigma: float = 0.0,
+                 part: tuple[int, int] | None = None) -> list[RolledChunk]:
     """``chunks`` chunks, each conditioned on the true ``history`` followed by the student's own
     (detached) earlier chunks. ``camera`` (latent-aligned, video rate) covers all of them.
     ``history_sigma`` > 0 noises each chunk's history to that level, as the student samples at
-    inference (the teacher and critic then judge the chunk in that same noised window)."""
+    inference (the teacher and critic then judge the chunk in that same noised window).
+    ``part`` (rank, processes): the batch is this rank's share of a global batch (see :func:`randn`)."""
     bb = world.backbone
     tf = bb.temporal_factor
     batch, channels = history.shape[0], history.shape[1]
@@ -51,7 +53,7 @@ def self_rollout(world: WorldModel, text: TextConditioning, history: Tensor, cam
     device = history.device
 
     def noise() -> Tensor:
-        return randn(shape, generator, device)
+        return randn(shape, generator, device, part)
 
     out: list[RolledChunk] = []
     for c in range(chunks):
@@ -59,16 +61,26 @@ def self_rollout(world: WorldModel, text: TextConditioning, history: Tensor, cam
         window = Window(text=text, chunk=history.new_zeros(shape), timestep=history.new_zeros(batch), history=history,
                         camera=None if camera is None else camera.frames(slice(0, end * tf)), attention=attention)
         if history_sigma > 0:
-            window = noise_history(window, history_sigma, randn(history.shape, generator, device))
+            window = noise_history(window, history_sigma, randn(history.shape, generator, device, part))
         x0 = few_step_chunk(world, window, sigmas, noise, exit_step)
         out.append(RolledChunk(x0, window))
         history = torch.cat([history, x0.detach()], dim=2)
     return out
 
 
-def sample_timestep(batch: int, shift: float, sigma_min: float, sigma_max: float, generator: torch.Generator) -> Tensor:
-    """DMD's noise level (sigma) per sample: shifted uniform, clamped to [sigma_min, sigma_max]."""
-    return training_sigmas(batch, shift, generator).clamp(sigma_min, sigma_max)
+def sample_timestep(batch: int, shift: float, sigma_min: float, sigma_max: float, generator: torch.Generator,
+                    part: tuple[int, int] | None = None) -> Tensor:
+    """DMD's noise level (sigma) per sample: shifted uniform, clamped to [sigma_min, sigma_max]
+    (``part``: this rank's rows of the global batch's draw, see :func:`randn`)."""
+    return _share(training_sigmas(batch * (part[1] if part else 1), shift, generator), part).clamp(sigma_min, sigma_max)
+
+
+def _share(values: Tensor, part: tuple[int, int] | None) -> Tensor:
+    """Rank ``part[0]``'s consecutive rows of a global batch's draw (all of it without ``part``)."""
+    if part is None:
+        return values
+    rows = values.shape[0] // part[1]
+    return values[part[0] * rows:(part[0] + 1) * rows]
 
 
 def dmd_direction(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
@@ -82,14 +94,14 @@ def dmd_direction(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
 
 def dmd_loss(chunk: RolledChunk, teacher: WorldModel, critic: WorldModel, null_text: TextConditioning, cfg_scale: float,
              sigma: Tensor, generator: torch.Generator, weights: Tensor | None = None,
-             teacher_context: Callable = nullcontext) -> Tensor:
+             teacher_context: Callable = nullcontext, part: tuple[int, int] | None = None) -> Tensor:
     """0.5 ‖x - sg(x - g)‖², whose gradient on the generated chunk x is the DMD direction g (times
     optional per-sample ``weights``, e.g. forward-KL's h(r)). Teacher and critic denoise the same
     noisy chunk in the generator's own window; neither gets gradients. ``teacher_context`` wraps
     the teacher's forward (a LoRA critic's base runs as the teacher with its adapters off)."""
     x = chunk.latents
     b = x.shape[0]
-    noise = torch.randn(x.shape, generator=generator).to(x.device)
+    noise = randn(x.shape, generator, x.device, part)
     x_t = add_noise(x.detach(), noise, sigma)
     noisy = chunk.window.with_chunk(x_t, teacher.backbone.timestep(sigma))
     with torch.no_grad():
@@ -117,6 +129,7 @@ class DistillStep:
     teacher_context: Callable = nullcontext  # e.g. LoRA adapters off: the critic's base is the teacher
     real: RolledChunk | None = None  # the true chunk at the same place, in its true-history window (GAN)
     dmd_weights: Tensor | None = None  # per-sample DMD weights (forward-KL sets them in prepare())
+    part: tuple[int, int] | None = None  # (rank, processes) under FSDP2: the batch is this rank's share
 
 
 class DMDOptions(BaseModel):
@@ -134,17 +147,20 @@ class DMD(nn.Module):
 
     def generator_loss(self, step: DistillStep) -> Tensor:
         return self.weight * dmd_loss(step.chunk, step.teacher, step.critic, step.null_text, step.teacher_cfg,
-                                      step.sigma, step.generator, step.dmd_weights, step.teacher_context)
+                                      step.sigma, step.generator, step.dmd_weights, step.teacher_context,
+                                      step.part)
 
     def critic_loss(self, step: DistillStep) -> Tensor:
-        return critic_loss(step.chunk, step.critic, step.critic_shift, step.generator)
+        return critic_loss(step.chunk, step.critic, step.critic_shift, step.generator, step.part)
 
 
-def critic_loss(chunk: RolledChunk, critic: WorldModel, shift: float, generator: torch.Generator) -> Tensor:
-    """Flow matching of the critic on the generator's detached sample, in the same window."""
+def critic_loss(chunk: RolledChunk, critic: WorldModel, shift: float, generator: torch.Generator,
+                part: tuple[int, int] | None = None) -> Tensor:
+    """Flow matching of the critic on the generator's detached sample, in the same window (``part``:
+    this rank's share of a global batch, see :func:`randn`)."""
     x0 = chunk.latents.detach()
     b = x0.shape[0]
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    sigma = training_sigmas(b, shift, generator).to(x0.device)
+    noise = randn(x0.shape, generator, x0.device, part)
+    sigma = _share(training_sigmas(b * (part[1] if part else 1), shift, generator), part).to(x0.device)
     v = critic(chunk.window.with_chunk(add_noise(x0, noise, sigma), critic.backbone.timestep(sigma)))
     return F.mse_loss(v.float(), velocity_target(x0, noise).float())

@@ -78,11 +78,19 @@ def few_step_chunk(world: WorldModel, window: Window, sigmas: Tensor, noise: Cal
     return x0
 
 
-def randn(shape, generator: torch.Generator | None, device: torch.device) -> Tensor:
+def randn(shape, generator: torch.Generator | None, device: torch.device,
+          part: tuple[int, int] | None = None) -> Tensor:
     """Noise from ``generator`` on its own device (CPU by default, for results that do not depend on
-    the GPU); a CUDA generator draws on the GPU, so the rollout never copies from the host."""
+    the GPU); a CUDA generator draws on the GPU, so the rollout never copies from the host.
+    ``part`` (rank, processes): ``shape[0]`` is this rank's consecutive share of a global batch; the
+    global batch's noise is drawn and this share returned, so N processes draw what one would."""
     where = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=where).to(device)
+    if part is None:
+        return torch.randn(shape, generator=generator, device=where).to(device)
+    rank, processes = part
+    rows = shape[0]
+    full = torch.randn((rows * processes, *shape[1:]), generator=generator, device=where)
+    return full[rank * rows:(rank + 1) * rows].to(device)
 
 
 @dataclass

@@ -32,6 +32,17 @@ def is_sharded(acc) -> bool:
     return acc.distributed_type == DistributedType.FSDP and bool(getattr(acc, "is_fsdp2", False))
 
 
+def training_sharded(acc, stage: str) -> bool:
+    """Whether a training ``stage`` runs under FSDP2: False in one process, True under FSDP2; several
+    processes without FSDP2 are an error that says how to launch."""
+    if acc.num_processes == 1 and acc.distributed_type != "FSDP":
+        return False
+    if not is_sharded(acc):
+        raise ValueError(f"stage {stage}: several processes train only under FSDP2 (accelerate launch --use_fsdp "
+                         "--fsdp_version 2, or --config_file examples/accelerate/fsdp2.yaml)")
+    return True
+
+
 def fsdp_on_cpu(acc) -> None:
     """FSDP2 over processes on the CPU (gloo), as the tests run it: accelerate (1.16) turns its FSDP plugin
     on only for accelerator devices, and makes a CPU launch with ``--use_fsdp`` plain MULTI_CPU (DDP).
@@ -93,6 +104,7 @@ def full_weights(world: nn.Module, modules: dict[str, nn.Module], acc) -> dict[s
     :func:`biwm.core.checkpoint.module_state` names them; None on the other ranks. Every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    reshard(world)
     state = get_model_state_dict(world, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not acc.is_main_process:
         return None
@@ -120,12 +132,43 @@ def check_world_size(path: Path, meta: dict[str, Any], processes: int) -> None:
                        f"resume it with {how}")
 
 
-def save_sharded_checkpoint(folder: Path, step: int, world: nn.Module, optimizer: torch.optim.Optimizer,
-                            extra: dict[str, Any], generator: torch.Generator, acc, keep: int = 2) -> Path:
-    """Write ``folder/step_N`` from every rank (see the module's docstring) and keep this run's newest ``keep``."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+Parts = dict[str, tuple[nn.Module, "torch.optim.Optimizer | None"]]
 
+
+def _training_state(world: "nn.Module | Parts", optimizer: torch.optim.Optimizer | None,
+                    tensors: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """What a sharded checkpoint holds: one prepared model and its optimizer (``{"model", "optim"}``), or
+    several by name (``world`` a dict name -> (model, optimizer or None: a frozen model's weights only)),
+    plus named ``tensors`` (e.g. an EMA's shards)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    def one(module: nn.Module, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
+        if opt is None:
+            return {"model": get_model_state_dict(module)}
+        model_state, optim_state = get_state_dict(module, opt)
+        return {"model": model_state, "optim": optim_state}
+
+    state = ({name: one(*pair) for name, pair in world.items()} if isinstance(world, dict)
+             else one(world, optimizer))
+    if tensors:
+        state["tensors"] = dict(tensors)
+    return state
+
+
+def _model_states(state: dict[str, Any], world: "nn.Module | Parts") -> list[dict[str, Any]]:
+    return [state[name]["model"] for name in world] if isinstance(world, dict) else [state["model"]]
+
+
+def save_sharded_checkpoint(folder: Path, step: int, world: "nn.Module | Parts", optimizer: torch.optim.Optimizer | None,
+                            extra: dict[str, Any], generator: torch.Generator, acc, keep: int = 2,
+                            tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``folder/step_N`` from every rank (see the module's docstring) and keep this run's newest ``keep``.
+    ``world``: one prepared model (with ``optimizer``) or several by name (``optimizer`` None; see
+    :func:`_training_state`); ``tensors``: more named (sharded) tensors to keep."""
+    import torch.distributed.checkpoint as dcp
+
+    for module in ([pair[0] for pair in world.values()] if isinstance(world, dict) else [world]):
+        reshard(module)
     folder = Path(folder)
     final = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
     tmp = folder / f"{TEMP_MARK}{final.name}"  # a save killed midway is removed by the next run (remove_temporaries)
@@ -133,13 +176,13 @@ def save_sharded_checkpoint(folder: Path, step: int, world: nn.Module, optimizer
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
-    model_state, optim_state = get_state_dict(world, optimizer)
-    bad = [k for k, v in model_state.items() if torch.is_tensor(v) and v.is_floating_point()
-           and not bool(torch.isfinite(_local(v)).all())]
+    state = _training_state(world, optimizer, tensors)
+    bad = [k for model_state in _model_states(state, world) for k, v in model_state.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(_local(v)).all())]
     if bad:
         raise FloatingPointError(f"not saving {final}: {len(bad)} tensors hold NaN or inf (e.g. {', '.join(bad[:3])}); "
                                  "the training diverged")
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    dcp.save(state, checkpoint_id=tmp)
     save_tensors({"torch": torch.get_rng_state(), "generator": generator.get_state()},
                  tmp / f"rng_{acc.process_index}.safetensors")
     acc.wait_for_everyone()
@@ -156,20 +199,76 @@ def save_sharded_checkpoint(folder: Path, step: int, world: nn.Module, optimizer
     return final
 
 
-def load_sharded_checkpoint(path: Path, world: nn.Module, optimizer: torch.optim.Optimizer,
-                            generator: torch.Generator, acc) -> dict[str, Any]:
-    """Restore a :func:`save_sharded_checkpoint` folder into the prepared ``world`` and ``optimizer`` on
-    every rank; returns its state.json. Only at the number of processes that wrote it."""
+def load_sharded_checkpoint(path: Path, world: "nn.Module | Parts", optimizer: torch.optim.Optimizer | None,
+                            generator: torch.Generator, acc,
+                            tensors: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Restore a :func:`save_sharded_checkpoint` folder into the prepared ``world`` and ``optimizer`` (or
+    the models and optimizers of a dict ``world``) and, in place, ``tensors`` on every rank; returns its
+    state.json. Only at the number of processes that wrote it."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     meta = _read_state(path)
     check_world_size(path, meta, acc.num_processes)
-    model_state, optim_state = get_state_dict(world, optimizer)
-    state = {"model": model_state, "optim": optim_state}
+    state = _training_state(world, optimizer, tensors)
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(world, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    pairs = world.items() if isinstance(world, dict) else [(None, (world, optimizer))]
+    for name, (module, opt) in pairs:
+        part = state if name is None else state[name]
+        if opt is None:
+            set_model_state_dict(module, part["model"])
+        else:
+            set_state_dict(module, opt, model_state_dict=part["model"], optim_state_dict=part["optim"])
+    if tensors:
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if state["tensors"][key] is not value:
+                    value.copy_(state["tensors"][key])
     rng = load_tensors(path / f"rng_{acc.process_index}.safetensors", "checkpoint file")
     torch.set_rng_state(rng["torch"])
     generator.set_state(rng["generator"])
     return meta
+
+
+def reshard(module: nn.Module) -> None:
+    """Free every gathered parameter of a prepared ``module``: FSDP2 keeps the root's parameters gathered
+    after a forward without a backward (e.g. a rollout under no_grad), as plain tensors in place of their
+    shards; reading or writing them shard by shard needs them resharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+class ShardedEMA:
+    """An exponential moving average of a prepared (sharded) module's parameters, kept shard by shard: each
+    rank averages its own shards, nothing is gathered. The same rule as the one-process EMA
+    (``torch.optim.swa_utils`` with ``get_ema_multi_avg_fn``): the first update copies, then
+    ``ema = decay * ema + (1 - decay) * p``."""
+
+    def __init__(self, modules: dict[str, nn.Module], decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {f"{name}.{key}": p.detach().clone() for name, m in modules.items()
+                       for key, p in m.named_parameters()}
+
+    def _current(self, modules: dict[str, nn.Module]) -> list[torch.Tensor]:
+        params = {f"{name}.{key}": p for name, m in modules.items() for key, p in m.named_parameters()}
+        return [params[key].detach() for key in self.shadow]
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, nn.Module]) -> None:
+        shadow, current = list(self.shadow.values()), self._current(modules)
+        for s, p in zip(shadow, current):
+            if self.updates == 0:
+                s.copy_(p)
+            else:
+                s.lerp_(p, 1 - self.decay)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, modules: dict[str, nn.Module]) -> None:
+        """Write the averages into ``modules``' parameters (before gathering them for the model file)."""
+        for s, p in zip(self.shadow.values(), self._current(modules)):
+            p.copy_(s)

@@ -108,13 +108,17 @@ class Distiller:
 
     def __init__(self, cfg: DistillConfig, load: Callable[[bool], WorldModel],
                  make_losses: Callable[[object], list], device: torch.device, attention: str | None = None,
-                 load_generator: Callable[[bool], WorldModel] | None = None):
+                 load_generator: Callable[[bool], WorldModel] | None = None, acc=None):
         """``load(report)`` builds a world model with the stage-1 weights; ``make_losses(backbone)``
         the stage's losses, given the critic's backbone; ``load_generator`` the generator's start
-        (default: ``load``, the teacher's weights)."""
+        (default: ``load``, the teacher's weights). ``acc``: an ``accelerate.Accelerator`` under FSDP2
+        (see :mod:`biwm.core.sharded`): the generator and the critic are each prepared with their
+        optimizer, the frozen teacher alone (a LoRA critic is the teacher's prepared base with its
+        adapters), and every batch is this rank's share of the global batch."""
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-        self.cfg, self.attention = cfg, attention
+        self.cfg, self.attention, self.acc = cfg, attention, acc
+        self.part: tuple[int, int] | None = None  # (rank, processes) under FSDP2
         self.generator = (load_generator or load)(True).to(device).train()
         self.teacher = load(False).to(device).eval().requires_grad_(False)
         self.teacher_context: Callable = nullcontext
@@ -136,12 +140,51 @@ class Distiller:
         self.opt_g = torch.optim.AdamW([p for p in self.generator.parameters() if p.requires_grad],
                                        lr=cfg.generator_lr, betas=cfg.betas)
         self.opt_c = torch.optim.AdamW(self.critic_params, lr=cfg.critic_lr, betas=cfg.betas)
+        if acc is not None:
+            self._shard(acc)
+            return
         # EMA over what the generator trains (transformer, controls, compressor), not the codec it carries
         self.trained = nn.ModuleDict(self.generator.trainable_modules())
         self.ema = (AveragedModel(self.trained, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
                     if cfg.ema else None)
 
+    def _shard(self, acc) -> None:
+        """Prepare the three networks for FSDP2 (accelerate takes one model per ``prepare``)."""
+        from biwm.core import sharded as fsdp
+
+        with_params = [type(loss).__name__ for loss in self.losses
+                       if isinstance(loss, nn.Module) and any(True for _ in loss.parameters())]
+        if with_params:
+            raise ValueError(f"stage distill: under FSDP2 only losses without parameters of their own run yet "
+                             f"({', '.join(with_params)} has some: e.g. gan's head); drop them from losses or "
+                             "distill in one process")
+        for world in (self.generator, self.teacher) + (() if self.critic is self.teacher else (self.critic,)):
+            fsdp.prepare_plugin(acc, world)
+
+        def prepare(*args):
+            fsdp.fsdp_on_cpu(acc)  # on the CPU, accelerate's prepare resets the state to plain MULTI_CPU each time
+            return acc.prepare(*args)
+
+        self.generator, self.opt_g = prepare(self.generator, self.opt_g)
+        if self.critic is self.teacher:  # LoRA: the teacher's sharded base carries the critic's adapters
+            self.teacher, self.opt_c = prepare(self.teacher, self.opt_c)
+            self.critic = self.teacher
+        else:
+            self.critic, self.opt_c = prepare(self.critic, self.opt_c)
+            self.teacher = prepare(self.teacher)
+        # FSDP2 replaced the parameters by their shards: the optimizers' groups now hold the shards
+        self.critic_params = [p for group in self.opt_c.param_groups for p in group["params"]]
+        self.part = (acc.process_index, acc.num_processes)
+        self.trained = nn.ModuleDict(self.generator.trainable_modules())
+        self.ema = fsdp.ShardedEMA(dict(self.trained.items()), self.cfg.ema) if self.cfg.ema else None
+
+    def sharded_parts(self) -> dict:
+        """Under FSDP2, what a sharded checkpoint holds: the generator and the critic with their optimizers
+        (the full-copy critic's teacher is frozen: loaded again from the stage-1 weights)."""
+        return {"generator": (self.generator, self.opt_g), "critic": (self.critic, self.opt_c)}
+
     def modules(self) -> dict[str, nn.Module]:
+        """What a one-process checkpoint holds."""
         out = {f"generator.{k}": m for k, m in self.generator.trainable_modules().items()}
         out.update({f"critic.{k}": m for k, m in self.critic.trainable_modules().items()})
         out.update({f"loss{i}": m for i, m in enumerate(self.losses) if isinstance(m, nn.Module)})
@@ -172,7 +215,7 @@ class Distiller:
         train_generator = it % cfg.generator_every == 0
         with torch.set_grad_enabled(train_generator):
             rolled = self_rollout(self.generator, text, history, camera, cfg.chunks, cfg.chunk_frames, sigmas, rng,
-                                  exit_step, self.attention, cfg.history_sigma)
+                                  exit_step, self.attention, cfg.history_sigma, self.part)
 
         def real_chunk(c: int) -> RolledChunk:
             """The true chunk c after its true history, in the window of the same length."""
@@ -188,9 +231,11 @@ class Distiller:
             for c, chunk in enumerate(rolled):
                 if detach:
                     chunk = RolledChunk(chunk.latents.detach(), chunk.window)
-                sigma = sample_timestep(batch, cfg.timestep_shift, cfg.sigma_min, cfg.sigma_max, rng).to(device)
+                sigma = sample_timestep(batch, cfg.timestep_shift, cfg.sigma_min, cfg.sigma_max, rng,
+                                        self.part).to(device)
                 out.append(DistillStep(chunk, self.teacher, self.critic, null_text, cfg.teacher_cfg, sigma,
-                                       cfg.timestep_shift, rng, self.teacher_context, real=real_chunk(c)))
+                                       cfg.timestep_shift, rng, self.teacher_context, real=real_chunk(c),
+                                       part=self.part))
             return out
 
         loss_g = None
@@ -203,16 +248,23 @@ class Distiller:
             loss_g = _total(self.losses, generator_steps, "generator_loss")
             self.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
-            torch.nn.utils.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip)
+            self._clip([p for p in self.generator.parameters() if p.requires_grad])
             self.opt_g.step()
             if self.ema is not None:
-                self.ema.update_parameters(self.trained)
+                if self.part is None:
+                    self.ema.update_parameters(self.trained)
+                else:
+                    self.ema.update(dict(self.trained.items()))
         loss_c = _total(self.losses, steps(detach=True), "critic_loss")
         self.opt_c.zero_grad(set_to_none=True)
         loss_c.backward()
-        torch.nn.utils.clip_grad_norm_(self.critic_params, cfg.grad_clip)
+        self._clip(self.critic_params)
         self.opt_c.step()
         return loss_g, loss_c, exit_step
+
+    def _clip(self, params: list[Tensor]) -> None:
+        # under FSDP2 the gradients are DTensor shards: the norm is over every rank's shards
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
 
 
 def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
@@ -220,11 +272,17 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
     from biwm.core.dmd import student_sigmas
     from biwm.core.plugins import get_plugin_manager
     from biwm.core.runner import progress_bar
-    from biwm.core.stages.common import (clips_text, load_world_model, model_card, text_embeddings,
-                                        training_batches)
+    from biwm.core.stages.common import clips_text, load_world_model, text_embeddings, training_batches
 
     recipe = ctx.recipe
     device = ctx.device
+    acc = ctx.accelerator
+    from biwm.core import sharded as fsdp
+
+    sharded = fsdp.training_sharded(acc, "distill")  # else one process: none of the FSDP2 code runs
+    if sharded:
+        fsdp.batch_share(cfg.batch_size, acc)  # the global batch splits evenly, or a clear error now
+        device = acc.device
     torch.manual_seed(recipe.seed)
     strict = cfg.init is None  # an explicit init may come from a model with other controls or compressor
     pm = get_plugin_manager()
@@ -242,7 +300,9 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
             return load_world_model(ctx, init=cfg.generator_init, strict=False, report=report)
 
     nets = Distiller(cfg, lambda report: load_world_model(ctx, init=cfg.init, strict=strict, report=report),
-                     make_losses, device, load_generator=load_generator)
+                     make_losses, device, load_generator=load_generator, acc=acc if sharded else None)
+    if sharded:
+        ctx.console.print(fsdp.describe(nets.generator, acc), highlight=False)
 
     dataset = ctx.dataset
     tf = nets.generator.backbone.temporal_factor
@@ -252,14 +312,21 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
                          f"{cfg.history_frames + cfg.chunks * cfg.chunk_frames} latent frames, but data clips of "
                          f"{dataset.frames} frames have {latent_frames}; raise data.frames or lower chunks")
     draw = training_batches(ctx, cfg.batch_size, latent_frames, nets.generator.backbone, device)
-    prompt_text, null_text = text_embeddings(nets.generator, dataset.prompt, cfg.batch_size, device)
+    prompt_text, null_text = text_embeddings(nets.generator, dataset.prompt, cfg.batch_size // acc.num_processes,
+                                             device)
     sigmas = student_sigmas(cfg.student_steps, cfg.student_shift, device)
     rng = torch.Generator().manual_seed(recipe.seed + 2)
 
     ckpt_dir = stage_dir / "checkpoints"
     it, counts = 0, {"generator_updates": 0, "critic_updates": 0}
     if ctx.resume and (ckpts := list_checkpoints(ckpt_dir)):
-        meta = load_checkpoint(ckpts[-1], nets.modules(), nets.optimizers(), rng)
+        if sharded:
+            meta = fsdp.load_sharded_checkpoint(ckpts[-1], nets.sharded_parts(), None, rng, acc,
+                                                tensors=nets.ema.shadow if nets.ema is not None else None)
+            if nets.ema is not None:
+                nets.ema.updates = meta["extra"]["counts"]["generator_updates"]
+        else:
+            meta = load_checkpoint(ckpts[-1], nets.modules(), nets.optimizers(), rng)
         it, counts = meta["step"], meta["extra"]["counts"]
         ctx.console.print(f"resumed distill from {ckpts[-1].name} (iteration {it})")
 
@@ -273,6 +340,9 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
             camera = batch.camera.select(idx).to(device)
             text = clips_text(batch, prompt_text, device, idx)
             loss_g, loss_c, exit_step = nets.iteration(it, clips, camera, text, null_text, sigmas, rng)
+            if sharded:  # the global batch's losses: the mean of the ranks' (equal) shares
+                loss_c = acc.reduce(loss_c.detach(), "mean")
+                loss_g = None if loss_g is None else acc.reduce(loss_g.detach(), "mean")
             if loss_g is not None:
                 counts["generator_updates"] += 1
                 history_g.append(_finite(loss_g.item(), "generator", it, cfg))
@@ -284,9 +354,14 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
                      "distill/generator_lr": nets.opt_g.param_groups[0]["lr"],
                      "distill/critic_lr": nets.opt_c.param_groups[0]["lr"],
                      **({"distill/generator_loss": history_g[-1]} if loss_g is not None else {})}, step=it)
-            if it % cfg.checkpoint_every == 0 and it < cfg.steps:
+            if it % cfg.checkpoint_every == 0 and it < cfg.steps and sharded:  # every rank writes its shards
+                fsdp.save_sharded_checkpoint(ckpt_dir, it, nets.sharded_parts(), None, {"counts": counts}, rng, acc,
+                                             tensors=nets.ema.shadow if nets.ema is not None else None)
+            elif it % cfg.checkpoint_every == 0 and it < cfg.steps:
                 save_checkpoint(ckpt_dir, it, nets.modules(), nets.optimizers(), {"counts": counts}, rng)
 
+    if sharded:
+        return _finish_sharded(ctx, cfg, nets, stage_dir, it, counts, history_g, history_c, started, acc)
     final = dict(nets.ema.module.items()) if nets.ema is not None else nets.generator.trainable_modules()
     for what, modules in (("generator", final), ("critic", nets.critic.trainable_modules())):
         bad = [f"{name}.{k}" for name, m in modules.items() for k, p in m.named_parameters()
@@ -294,19 +369,51 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
         if bad:  # the last update is not followed by a loss that would show it
             raise FloatingPointError(f"distill {what} weights hold NaN or inf after iteration {it} "
                                      f"({len(bad)} tensors, e.g. {', '.join(bad[:2])}); {_blame(cfg, what)}")
-    teacher_weights = cfg.init or ctx.previous_weights
     model_file = stage_dir / "model.safetensors"
-    # the teacher relative to the model file, so a run folder that moves keeps its teacher
+    save_weights(model_file, final, _model_metadata(ctx, cfg, model_file))
+    return _metrics(cfg, it, counts, history_g, history_c, started)
+
+
+def _model_metadata(ctx, cfg: DistillConfig, model_file: Path) -> dict[str, str]:
+    """The distilled model's metadata: how to sample it, and its teacher relative to the model file (so a
+    run folder that moves keeps its teacher)."""
+    from biwm.core.stages.common import model_card
+
+    teacher_weights = cfg.init or ctx.previous_weights
     teacher = os.path.relpath(Path(teacher_weights).resolve(), model_file.parent.resolve()) if teacher_weights else ""
     card = model_card(ctx, "distill", {"steps": cfg.student_steps, "shift": cfg.student_shift, "student": True,
                                        "history_sigma": cfg.history_sigma})
-    save_weights(model_file, final, {"stage": "distill", "student_steps": str(cfg.student_steps),
-                                     "student_shift": str(cfg.student_shift),
-                                     "student_history_sigma": str(cfg.history_sigma), "teacher": teacher, **card})
+    return {"stage": "distill", "student_steps": str(cfg.student_steps), "student_shift": str(cfg.student_shift),
+            "student_history_sigma": str(cfg.history_sigma), "teacher": teacher, **card}
+
+
+def _metrics(cfg: DistillConfig, it: int, counts: dict, history_g: list[float], history_c: list[float],
+             started: float) -> dict:
     return {"distill_iterations": it, **counts,
             "distill_generator_loss_last": history_g[-1] if history_g else None,
             "distill_critic_loss_last": sum(history_c[-10:]) / max(1, len(history_c[-10:])) if history_c else None,
             "distill_seconds": round(time.time() - started, 1), "student_steps": cfg.student_steps}
+
+
+def _finish_sharded(ctx, cfg: DistillConfig, nets: Distiller, stage_dir: Path, it: int, counts: dict,
+                    history_g: list[float], history_c: list[float], started: float, acc) -> dict:
+    """Under FSDP2: the EMA (or the generator) gathered in full on rank 0, which alone checks and writes it."""
+    from biwm.core import sharded as fsdp
+    from biwm.core.checkpoint import save_weights
+
+    trained = dict(nets.trained.items())
+    fsdp.reshard(nets.generator)  # its last rollout may have run without a backward
+    if nets.ema is not None:
+        nets.ema.copy_to(trained)  # the generator is not used after this
+    weights = fsdp.full_weights(nets.generator, trained, acc)
+    if acc.is_main_process:
+        bad = [key for key, value in weights.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        if bad:
+            raise FloatingPointError(f"distill generator weights hold NaN or inf after iteration {it} "
+                                     f"({len(bad)} tensors, e.g. {', '.join(bad[:2])}); {_blame(cfg, 'generator')}")
+        model_file = stage_dir / "model.safetensors"
+        save_weights(model_file, {}, _model_metadata(ctx, cfg, model_file), weights=weights)
+    return _metrics(cfg, it, counts, history_g, history_c, started)
 
 
 def _warn_schedule_change(ctx, cfg: DistillConfig) -> None:

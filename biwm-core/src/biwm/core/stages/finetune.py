@@ -175,14 +175,10 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     recipe = ctx.recipe
     acc = ctx.accelerator
     device = acc.device
-    sharded = acc.num_processes > 1 or acc.distributed_type == "FSDP"  # else one process: none of what follows
-    if sharded:
-        from biwm.core import sharded as fsdp
+    from biwm.core import sharded as fsdp
 
-        sharded = fsdp.is_sharded(acc)
-        if not sharded:
-            raise ValueError("stage finetune: several processes train only under FSDP2 (accelerate launch --use_fsdp "
-                             "--fsdp_version 2, or --config_file examples/accelerate/fsdp2.yaml)")
+    sharded = fsdp.training_sharded(acc, "finetune")  # else one process: none of the FSDP2 code runs
+    if sharded:
         if cfg.ema or cfg.compile:
             raise ValueError("stage finetune: ema and compile are not supported under FSDP2 yet; set them off "
                              "(null / false) or train in one process")
