@@ -124,6 +124,22 @@ def test_key_strings_with_arrow_names(tmp_path):
     assert torch.equal(read_clip(tmp_path / "ds", "clip0000")["actions"], parse_keys("w*3,a*2,i*2,wj,l"))
 
 
+def test_toyworld_export_prints_the_import_command_that_reads_it_back(tmp_path):
+    """Key files carry no intrinsics and PNG folders no frame rate: the export says which flags import them."""
+    import shlex
+
+    out = subprocess.run(biwm_cmd() + ["data", "toyworld", "--out", str(tmp_path / "src"), "--format", "keys",
+                                       "--media", "frames", "--clips", "2", "--frames", "9"],
+                         capture_output=True, text=True, env=subprocess_env(COLUMNS="400"))
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("import it with: "))
+    assert "--fov-deg 75" in line and "--source-fps 8" in line
+    command = shlex.split(line.removeprefix("import it with: biwm ").replace("DATASET", str(tmp_path / "ds")))
+    done = subprocess.run(biwm_cmd() + command, capture_output=True, text=True, env=subprocess_env(COLUMNS="400"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 clips, 18 frames at 8 fps" in done.stdout
+
+
 # ----------------------------------------------------------------------------- bad media
 
 

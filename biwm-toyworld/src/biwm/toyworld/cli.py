@@ -54,6 +54,21 @@ def idm_train(height: int = typer.Option(32, min=8), width: int = typer.Option(3
     console.print(f"[green]✓[/] wrote {out}")
 
 
+def import_command(out: Path, fmt: str, media: str, config, temporal_factor: int) -> str:
+    """The ``biwm data import`` command that reads back what ``biwm data toyworld --format`` wrote: key and
+    action files carry no intrinsics (the toy world's field of view), PNG folders no frame rate."""
+    from biwm.toyworld.export import FPS
+
+    flags = [f"--format {fmt}"]
+    if fmt in ("keys", "biwm-actions"):
+        flags.append(f"--fov-deg {config.fov_deg:g}")
+    if fmt == "biwm-actions":
+        flags.append(f"--temporal-factor {temporal_factor}")
+    if media == "frames":
+        flags.append(f"--source-fps {FPS:g}")
+    return f"biwm data import {out} {' '.join(flags)} --out DATASET"
+
+
 @data_app.command("toyworld")
 def data_toyworld(out: Path = typer.Option(..., "--out", help="output folder"),
                   clips: int = typer.Option(256, min=1, help="number of clips"),
@@ -90,6 +105,8 @@ def data_toyworld(out: Path = typer.Option(..., "--out", help="output folder"),
         except (ValueError, RuntimeError) as error:
             fail(str(error))
         console.print(f"[green]✓[/] wrote {out} ({clips} clips, {fmt}, {media})")
+        console.print("import it with: " + import_command(out, fmt, media, config, temporal_factor), highlight=False,
+                      soft_wrap=True)
         return
     with console.status(f"rendering {clips} clips x {frames} frames"):
         path = write_dataset(out, split, clips, frames, config, seed_start=seed_start)
