@@ -135,6 +135,35 @@ def test_kill_and_resume_two_processes(two_processes, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("family,block", [("hunyuan", "HunyuanVideo15TransformerBlock"),
+                                          ("ltx", "LTX2VideoTransformerBlock")])
+def test_hunyuan_and_ltx_shard_each_diffusers_block_and_match_one_process(family, block, tmp_path):
+    """Their window blocks run diffusers' blocks outside ``forward`` (hunyuan re-composes each from its submodules
+    in the block's ``window_forward``; ltx calls it with a stand-in audio stream): each diffusers block is still its
+    own unit, gathered around what runs it, and 2 processes train as one does."""
+    from biwm.core.recipe import validate_recipe
+    from biwm.core.runner import run_recipe
+
+    def family_recipe(run_dir):
+        data = recipe(run_dir, steps=4)
+        data["model"]["backbone"] = {"name": family, "options": {"preset": "tiny", "overrides": {"num_layers": 2}}}
+        return data
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(family_recipe(tmp_path / "two")))
+    stdout = launch(path).stdout
+    assert f"FSDP2 over 2 processes: the root and its wrapped blocks (2 {block})" in stdout
+    run_recipe(validate_recipe(family_recipe(tmp_path / "one")))
+    two, one = tmp_path / "two" / "finetune", tmp_path / "one" / "finetune"
+    torch.testing.assert_close(torch.tensor(json.loads((two / "metrics.json").read_text())["finetune_loss_last"]),
+                               torch.tensor(json.loads((one / "metrics.json").read_text())["finetune_loss_last"]),
+                               rtol=0, atol=1e-4)
+    a, b = load_file(str(two / "model.safetensors")), load_file(str(one / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-3, msg=key)
+
+
 def test_blocks_are_the_wrapped_units():
     """accelerate's TRANSFORMER_BASED_WRAP reads the model's ``_no_split_modules``: the blocks the backbone runs."""
     from conftest import world_around

@@ -15,6 +15,7 @@ pipeline.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from biwm.core.checkpoint import read_json_object
 from biwm.core.config import InputDir
 from biwm.core.protocols import BlockOutput
+from biwm.core.sharded import WINDOW_FORWARD  # the block method that runs it on a window
 from biwm.core.text import TextConditioning, TextEncoding
 
 from biwm.backbones.codecs import ByteTextEncoder
@@ -142,30 +144,42 @@ class WindowAttnProcessor(MaskableProcessor):
         return rows[:, None]
 
 
+
+
+def _window_forward(blk: nn.Module, hidden: Tensor, text: Tensor, temb: Tensor, text_temb: Tensor, text_mask: Tensor,
+                    rotary: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """diffusers' HunyuanVideo15TransformerBlock ``blk`` on a window, re-composed from its own submodules (bound
+    to the block as its ``window_forward``; see :class:`WindowBlock`)."""
+    b, length, d = hidden.shape
+    norm, *mods = blk.norm1(hidden.reshape(b * length, 1, d), emb=temb.reshape(b * length, d))
+    gate_msa, shift_mlp, scale_mlp, gate_mlp = (m.view(b, length, d) for m in mods)
+    norm_text, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = blk.norm1_context(text, emb=text_temb)
+    attn, text_attn = blk.attn(hidden_states=norm.view(b, length, d), encoder_hidden_states=norm_text,
+                               attention_mask=text_mask, image_rotary_emb=rotary)
+    hidden = hidden + attn * gate_msa
+    text = text + text_attn * c_gate_msa.unsqueeze(1)
+    hidden = hidden + gate_mlp * blk.ff(blk.norm2(hidden) * (1 + scale_mlp) + shift_mlp)
+    norm_text = blk.norm2_context(text) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+    text = text + c_gate_mlp.unsqueeze(1) * blk.ff_context(norm_text)
+    return hidden, text
+
+
 class WindowBlock(nn.Module):
     """One of diffusers' HunyuanVideo15TransformerBlock, run with a timestep embedding per video token
     ([B, L, D]) and one per sample for the text stream ([B, D]); returns (video, text) as the block does.
-    The block's own submodules do the work: ``norm1`` (AdaLN-Zero) sees one token per row."""
+    The block's own submodules do the work: ``norm1`` (AdaLN-Zero) sees one token per row. The work is
+    the block's method ``window_forward``, so that FSDP2, which shards each diffusers block as a unit and
+    gathers its parameters around its forward, gathers them around this too
+    (:func:`biwm.core.sharded.register_window_forwards`)."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
+        setattr(block, WINDOW_FORWARD, types.MethodType(_window_forward, block))
 
     def forward(self, hidden: Tensor, text: Tensor, temb: Tensor, text_temb: Tensor, text_mask: Tensor,
                 rotary: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        blk = self.block
-        b, length, d = hidden.shape
-        norm, *mods = blk.norm1(hidden.reshape(b * length, 1, d), emb=temb.reshape(b * length, d))
-        gate_msa, shift_mlp, scale_mlp, gate_mlp = (m.view(b, length, d) for m in mods)
-        norm_text, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = blk.norm1_context(text, emb=text_temb)
-        attn, text_attn = blk.attn(hidden_states=norm.view(b, length, d), encoder_hidden_states=norm_text,
-                                   attention_mask=text_mask, image_rotary_emb=rotary)
-        hidden = hidden + attn * gate_msa
-        text = text + text_attn * c_gate_msa.unsqueeze(1)
-        hidden = hidden + gate_mlp * blk.ff(blk.norm2(hidden) * (1 + scale_mlp) + shift_mlp)
-        norm_text = blk.norm2_context(text) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-        text = text + c_gate_mlp.unsqueeze(1) * blk.ff_context(norm_text)
-        return hidden, text
+        return getattr(self.block, WINDOW_FORWARD)(hidden, text, temb, text_temb, text_mask, rotary)
 
 
 # -- codec ----------------------------------------------------------------------------------------
@@ -382,6 +396,11 @@ class HunyuanBackbone(DiffusersBackbone):
     def block_modules(self) -> list[nn.Module]:
         """The transformer blocks in order, as run on a window: each returns (video, text) hidden states."""
         return self._window_blocks
+
+    def shard_units(self) -> list[nn.Module]:
+        """What FSDP2 shards as units: diffusers' blocks (in the model; each window block runs its own's
+        ``window_forward``)."""
+        return list(self.transformer.transformer_blocks)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> TextConditioning:

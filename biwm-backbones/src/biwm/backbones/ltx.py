@@ -346,6 +346,10 @@ class LTXBackbone(DiffusersBackbone):
         """The transformer blocks in order, as run on a window: each returns (video, audio stand-in)."""
         return self._window_blocks
 
+    def shard_units(self) -> list[nn.Module]:
+        """What FSDP2 shards as units: diffusers' blocks (in the model; each window block calls its own)."""
+        return list(self.transformer.transformer_blocks)
+
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> TextConditioning:
         return self.text_encoder(prompts)

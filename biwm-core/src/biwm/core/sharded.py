@@ -230,6 +230,20 @@ def load_sharded_checkpoint(path: Path, world: "nn.Module | Parts", optimizer: t
     return meta
 
 
+WINDOW_FORWARD = "window_forward"
+
+
+def register_window_forwards(world: nn.Module) -> None:
+    """After ``prepare``: a sharded unit that a backbone runs through a method other than ``forward`` (its
+    ``window_forward``: hunyuan's blocks, re-composed from their submodules) gathers and frees its parameters
+    around that method too (torch's ``register_fsdp_forward_method``)."""
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    for m in world.modules():
+        if isinstance(m, FSDPModule) and callable(m.__dict__.get(WINDOW_FORWARD)):
+            register_fsdp_forward_method(m, WINDOW_FORWARD)
+
+
 def reshard(module: nn.Module) -> None:
     """Free every gathered parameter of a prepared ``module``: FSDP2 keeps the root's parameters gathered
     after a forward without a backward (e.g. a rollout under no_grad), as plain tensors in place of their

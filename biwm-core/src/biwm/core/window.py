@@ -85,12 +85,13 @@ class WorldModel(nn.Module):
 
     @property
     def _no_split_modules(self) -> list[str]:
-        """The class names of the modules the backbone runs as its blocks (``block_modules``): accelerate's FSDP
-        auto-wrap (TRANSFORMER_BASED_WRAP) shards each such block as its own unit, gathered by its forward; the
-        rest of the model (embeddings, controls, compressor, output) is the root's, gathered by this forward.
-        A backbone whose window blocks re-compose a block outside the model's modules (hunyuan, ltx) names no
-        class found in the model: the whole model is then one unit, still correct."""
-        return sorted({type(block).__name__ for block in self.backbone.block_modules()})
+        """The class names of the modules the backbone shards as units (its optional ``shard_units``, else the
+        blocks it runs, ``block_modules``): accelerate's FSDP auto-wrap (TRANSFORMER_BASED_WRAP) shards each as
+        its own unit, gathered by its forward (or the ``window_forward`` it is run by:
+        :func:`biwm.core.sharded.register_window_forwards`); the rest of the model (embeddings, controls,
+        compressor, output) is the root's, gathered by this forward."""
+        units = getattr(self.backbone, "shard_units", self.backbone.block_modules)()
+        return sorted({type(block).__name__ for block in units})
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """What checkpoints hold: the transformer, the controls, the compressor (not the codec)."""

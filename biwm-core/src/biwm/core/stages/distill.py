@@ -163,7 +163,9 @@ class Distiller:
 
         def prepare(*args):
             fsdp.fsdp_on_cpu(acc)  # on the CPU, accelerate's prepare resets the state to plain MULTI_CPU each time
-            return acc.prepare(*args)
+            out = acc.prepare(*args)
+            fsdp.register_window_forwards(args[0])
+            return out
 
         self.generator, self.opt_g = prepare(self.generator, self.opt_g)
         if self.critic is self.teacher:  # LoRA: the teacher's sharded base carries the critic's adapters

@@ -205,6 +205,7 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     world, optimizer = acc.prepare(world, optimizer)
     model = acc.unwrap_model(world)
     if sharded:  # FSDP2 replaced the parameters by their shards
+        fsdp.register_window_forwards(world)
         params = [p for p in world.parameters() if p.requires_grad]
         ctx.console.print(fsdp.describe(world, acc), highlight=False)
     forward = world
