@@ -201,3 +201,22 @@ def test_recipe_errors_name_the_quantizer_field(tmp_path):
     data["model"]["quantize"] = {"name": "int3"}
     with pytest.raises(RecipeError, match=r"model\.quantize\.name.*unknown quantizer 'int3'; allowed: .*nvfp4"):
         validate_recipe(data)
+
+
+def test_weight_bytes_counts_packed_nvfp4_weights_and_their_scales():
+    """biwm.quant.weight_bytes: a plain bf16 model's bytes; after weight-only NVFP4, each weight's 4-bit values,
+    e4m3 block scales (as torchao lays them out) and fp32 tensor scale, the biases unchanged in bf16."""
+    from torch import nn
+
+    from biwm.core.plugins import get_plugin_manager
+    from biwm.quant import weight_bytes
+
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64)).to(torch.bfloat16)
+    values = 2 * 64 * 128
+    assert weight_bytes(model) == (values + 128 + 64) * 2
+    get_plugin_manager().get("quantizer", "nvfp4").create({"modules": ""}).convert(model, training=False)
+    packed = sum(m.weight.qdata.nbytes + m.weight.scale.nbytes + m.weight.per_tensor_scale.nbytes for m in model)
+    assert all(m.weight.qdata.dtype == torch.uint8 and m.weight.qdata.numel() * 2 == m.weight.shape.numel()
+               for m in model)  # two 4-bit values per byte
+    assert weight_bytes(model) == packed + (128 + 64) * 2
+    assert (values + 128 + 64) * 2 / weight_bytes(model) > 3.2
