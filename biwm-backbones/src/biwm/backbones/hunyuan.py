@@ -144,8 +144,6 @@ class WindowAttnProcessor(MaskableProcessor):
         return rows[:, None]
 
 
-
-
 def _window_forward(blk: nn.Module, hidden: Tensor, text: Tensor, temb: Tensor, text_temb: Tensor, text_mask: Tensor,
                     rotary: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     """diffusers' HunyuanVideo15TransformerBlock ``blk`` on a window, re-composed from its own submodules (bound

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from biwm.core.camera import CameraTrack
-from biwm.core.sampling import few_step_chunk, guided_velocity, randn, student_sigmas  # noqa: F401 (re-exported)
+from biwm.core.sampling import few_step_chunk, guided_velocity, randn, share_rows, student_sigmas  # noqa: F401 (re-exported)
 from biwm.core.schedule import add_noise, predict_x0, training_sigmas, velocity_target
 from biwm.core.text import TextConditioning
 from biwm.core.window import Window, WorldModel, noise_history
@@ -72,15 +72,8 @@ def sample_timestep(batch: int, shift: float, sigma_min: float, sigma_max: float
                     part: tuple[int, int] | None = None) -> Tensor:
     """DMD's noise level (sigma) per sample: shifted uniform, clamped to [sigma_min, sigma_max]
     (``part``: this rank's rows of the global batch's draw, see :func:`randn`)."""
-    return _share(training_sigmas(batch * (part[1] if part else 1), shift, generator), part).clamp(sigma_min, sigma_max)
-
-
-def _share(values: Tensor, part: tuple[int, int] | None) -> Tensor:
-    """Rank ``part[0]``'s consecutive rows of a global batch's draw (all of it without ``part``)."""
-    if part is None:
-        return values
-    rows = values.shape[0] // part[1]
-    return values[part[0] * rows:(part[0] + 1) * rows]
+    return share_rows(training_sigmas(batch * (part[1] if part else 1), shift, generator), part).clamp(sigma_min,
+                                                                                                     sigma_max)
 
 
 def dmd_direction(x: Tensor, x0_real: Tensor, x0_fake: Tensor) -> Tensor:
@@ -161,6 +154,6 @@ def critic_loss(chunk: RolledChunk, critic: WorldModel, shift: float, generator:
     x0 = chunk.latents.detach()
     b = x0.shape[0]
     noise = randn(x0.shape, generator, x0.device, part)
-    sigma = _share(training_sigmas(b * (part[1] if part else 1), shift, generator), part).to(x0.device)
+    sigma = share_rows(training_sigmas(b * (part[1] if part else 1), shift, generator), part).to(x0.device)
     v = critic(chunk.window.with_chunk(add_noise(x0, noise, sigma), critic.backbone.timestep(sigma)))
     return F.mse_loss(v.float(), velocity_target(x0, noise).float())

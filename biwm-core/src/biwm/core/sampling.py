@@ -85,12 +85,17 @@ def randn(shape, generator: torch.Generator | None, device: torch.device,
     ``part`` (rank, processes): ``shape[0]`` is this rank's consecutive share of a global batch; the
     global batch's noise is drawn and this share returned, so N processes draw what one would."""
     where = generator.device if generator is not None else device
+    processes = part[1] if part else 1
+    return share_rows(torch.randn((shape[0] * processes, *shape[1:]), generator=generator, device=where),
+                      part).to(device)
+
+
+def share_rows(values: Tensor, part: tuple[int, int] | None) -> Tensor:
+    """Rank ``part[0]``'s consecutive rows of a global batch's draw ``values`` (all of it without ``part``)."""
     if part is None:
-        return torch.randn(shape, generator=generator, device=where).to(device)
-    rank, processes = part
-    rows = shape[0]
-    full = torch.randn((rows * processes, *shape[1:]), generator=generator, device=where)
-    return full[rank * rows:(rank + 1) * rows].to(device)
+        return values
+    rows = values.shape[0] // part[1]
+    return values[part[0] * rows:(part[0] + 1) * rows]
 
 
 @dataclass

@@ -219,11 +219,7 @@ def load_sharded_checkpoint(path: Path, world: "nn.Module | Parts", optimizer: t
             set_model_state_dict(module, part["model"])
         else:
             set_state_dict(module, opt, model_state_dict=part["model"], optim_state_dict=part["optim"])
-    if tensors:
-        with torch.no_grad():
-            for key, value in tensors.items():
-                if state["tensors"][key] is not value:
-                    value.copy_(state["tensors"][key])
+    # ``tensors`` were loaded in place (dcp.load fills the state's own tensors)
     rng = load_tensors(path / f"rng_{acc.process_index}.safetensors", "checkpoint file")
     torch.set_rng_state(rng["torch"])
     generator.set_state(rng["generator"])
@@ -272,7 +268,8 @@ class ShardedEMA:
         return [params[key].detach() for key in self.shadow]
 
     @torch.no_grad()
-    def update(self, modules: dict[str, nn.Module]) -> None:
+    def update_parameters(self, modules: dict[str, nn.Module]) -> None:
+        """After a generator step (the name and argument of ``AveragedModel.update_parameters``)."""
         shadow, current = list(self.shadow.values()), self._current(modules)
         for s, p in zip(shadow, current):
             if self.updates == 0:

@@ -117,7 +117,7 @@ class Distiller:
         adapters), and every batch is this rank's share of the global batch."""
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-        self.cfg, self.attention, self.acc = cfg, attention, acc
+        self.cfg, self.attention = cfg, attention
         self.part: tuple[int, int] | None = None  # (rank, processes) under FSDP2
         self.generator = (load_generator or load)(True).to(device).train()
         self.teacher = load(False).to(device).eval().requires_grad_(False)
@@ -178,7 +178,7 @@ class Distiller:
         self.critic_params = [p for group in self.opt_c.param_groups for p in group["params"]]
         self.part = (acc.process_index, acc.num_processes)
         self.trained = nn.ModuleDict(self.generator.trainable_modules())
-        self.ema = fsdp.ShardedEMA(dict(self.trained.items()), self.cfg.ema) if self.cfg.ema else None
+        self.ema = fsdp.ShardedEMA(self.trained, self.cfg.ema) if self.cfg.ema else None
 
     def sharded_parts(self) -> dict:
         """Under FSDP2, what a sharded checkpoint holds: the generator and the critic with their optimizers
@@ -250,26 +250,21 @@ class Distiller:
             loss_g = _total(self.losses, generator_steps, "generator_loss")
             self.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
-            self._clip([p for p in self.generator.parameters() if p.requires_grad])
+            # under FSDP2 the gradients are DTensor shards: the norm is over every rank's shards
+            torch.nn.utils.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip)
             self.opt_g.step()
             if self.ema is not None:
-                if self.part is None:
-                    self.ema.update_parameters(self.trained)
-                else:
-                    self.ema.update(dict(self.trained.items()))
+                self.ema.update_parameters(self.trained)
         loss_c = _total(self.losses, steps(detach=True), "critic_loss")
         self.opt_c.zero_grad(set_to_none=True)
         loss_c.backward()
-        self._clip(self.critic_params)
+        torch.nn.utils.clip_grad_norm_(self.critic_params, cfg.grad_clip)
         self.opt_c.step()
         return loss_g, loss_c, exit_step
 
-    def _clip(self, params: list[Tensor]) -> None:
-        # under FSDP2 the gradients are DTensor shards: the norm is over every rank's shards
-        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-
 
 def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
+    from biwm.core import sharded as fsdp
     from biwm.core.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_weights
     from biwm.core.dmd import student_sigmas
     from biwm.core.plugins import get_plugin_manager
@@ -279,8 +274,6 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
     recipe = ctx.recipe
     device = ctx.device
     acc = ctx.accelerator
-    from biwm.core import sharded as fsdp
-
     sharded = fsdp.training_sharded(acc, "distill")  # else one process: none of the FSDP2 code runs
     if sharded:
         fsdp.batch_share(cfg.batch_size, acc)  # the global batch splits evenly, or a clear error now
@@ -403,7 +396,7 @@ def _finish_sharded(ctx, cfg: DistillConfig, nets: Distiller, stage_dir: Path, i
     from biwm.core import sharded as fsdp
     from biwm.core.checkpoint import save_weights
 
-    trained = dict(nets.trained.items())
+    trained = nets.trained
     fsdp.reshard(nets.generator)  # its last rollout may have run without a backward
     if nets.ema is not None:
         nets.ema.copy_to(trained)  # the generator is not used after this
