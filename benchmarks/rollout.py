@@ -23,12 +23,23 @@ Each variant is a set of speed options (``biwm.core.speed``) given to a
 - ``fp8``: overlap + the fastest attention kernel + FP8 linears through torchao (biwm-quant's
   ``fp8`` quantizer), blocks not compiled: compiling the FP8 blocks for every window shape did not fit a
   10-minute device run (BENCHMARKS.md).
+- ``fp8-compile``: ``fp8`` with the transformer blocks compiled (one static graph per window shape), so
+  inductor fuses the activations' FP8 quantisation into the neighbouring kernels.
+- ``nvfp4``: overlap + the fastest attention kernel + NVFP4 weight-only linears through torchao
+  (biwm-quant's ``nvfp4`` quantizer, ``w4a16``: 4-bit weights dequantised for each product, on any
+  device): less weight memory, no NVFP4 GEMM.
+
+The quantised variants emulate where their GEMMs are missing (a CPU: FP8 numerics in the layer's dtype,
+with a warning); a variant that cannot run (biwm-quant or torchao missing) is a row with the error,
+as any failure on a GPU is.
 
 For every variant: first-chunk latency (start to the first chunk's frames on the host), FPS
 sustained over the whole rollout (frames / wall time), and per part the isolated time of one
 steady-state chunk: DiT (the 4 denoising forwards), decode (VAE to uint8), other (the rest of the
 rollout's wall time per chunk; negative when decode overlaps the DiT). DiT MFU divides FLOPs
 counted by torch's FlopCounterMode by the DiT time and the bf16 GEMM peak measured in the same run.
+``weight_bytes``: the transformer's weights as stored after the variant's conversion
+(``biwm.quant.weight_bytes``: packed NVFP4 or FP8 tensors at their real size, scales included).
 PREFIX.json keeps one entry per preset (a second run with another preset is merged in); the
 top-level summary is Wan2.1-1.3B's when present.
 """
@@ -58,6 +69,8 @@ VARIANTS = {
     "cudagraphs": {"attention": "fastest", "compile": True, "compile_mode": "reduce-overhead",
                    "compile_decoder": True, "channels_last_decoder": True},
     "fp8": {"attention": "fastest", "quantize": {"name": "fp8"}},
+    "fp8-compile": {"attention": "fastest", "compile": True, "quantize": {"name": "fp8"}},
+    "nvfp4": {"attention": "fastest", "quantize": {"name": "nvfp4"}},
 }
 LADDER = list(VARIANTS)
 GOAL = {"fps_sustained": 30.0, "first_chunk_s": 0.5}  # issue 6, for Wan2.1-1.3B at 832x480 on one H100
@@ -148,6 +161,7 @@ def run_variant(variant: str, args, device: torch.device, attention: str, peak: 
             warm.finish()
         synchronize(device)
         warmup_s = time.perf_counter() - started
+        weights = transformer_bytes(world)  # converted by the warm-up session
         reset_memory(device)
 
         # the timed rollout
@@ -207,6 +221,7 @@ def run_variant(variant: str, args, device: torch.device, attention: str, peak: 
         "dit_mfu": flops / dit_s / 1e12 / peak,
         "decode_mfu": decode_flops / decode_s / 1e12 / peak,
         "peak_gb": peak_gb,
+        "weight_bytes": weights,
         "host_syncs_in_loop": len(syncs) if watch_syncs else None,
         "host_sync_examples": sorted(set(syncs))[:5],
         "warmup_and_compile_s": warmup_s,
@@ -219,6 +234,15 @@ def run_variant(variant: str, args, device: torch.device, attention: str, peak: 
         torch._dynamo.reset()
     reset_memory(device)
     return setup.describe(), result
+
+
+def transformer_bytes(world) -> int | None:
+    """Bytes of the transformer's weights as stored (None without biwm-quant, which counts them)."""
+    try:
+        from biwm.quant import weight_bytes
+    except ImportError:
+        return None
+    return weight_bytes(world.backbone.trainable())
 
 
 def profile_chunk(session, camera, device: torch.device) -> dict[str, Any] | None:
@@ -313,16 +337,17 @@ def summary_rows(model: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for name, r in model["variants"].items():
         if "error" in r:
-            rows.append([name, f"failed: {r['error'][:60]}"] + [None] * 9)
+            rows.append([name, f"failed: {r['error'][:60]}"] + [None] * (len(HEADER) - 2))
             continue
+        mb = r.get("weight_bytes")
         rows.append([name, r["fps_sustained"], r["fps_sustained"] / base if base else None, r["first_chunk_s"],
                      r["dit_chunk_s"] * 1000, r["decode_chunk_s"] * 1000, r["other_chunk_s"] * 1000,
-                     r["dit_mfu"], r["peak_gb"], r["host_syncs_in_loop"]])
+                     r["dit_mfu"], r["peak_gb"], None if mb is None else mb / 2**20, r["host_syncs_in_loop"]])
     return rows
 
 
 HEADER = ["variant", "FPS", "× eager", "first chunk s", "DiT ms/chunk", "decode ms/chunk", "other ms/chunk",
-          "DiT MFU", "peak GB", "host syncs"]
+          "DiT MFU", "peak GB", "weights MiB", "host syncs"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    attention["dit_tflop_per_chunk"] * 1e12,
                                                    attention["decode_tflop_per_chunk"] * 1e12)
         except Exception as e:  # one failing option must not lose the others' figures
-            if device.type != "cuda":
-                raise
+            if device.type != "cuda" and "quantize" not in VARIANTS[variant]:
+                raise  # the CPU smoke run: a failure of the plain paths is a bug
             variants[variant] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
             torch._dynamo.reset()
             reset_memory(device)

@@ -7,6 +7,11 @@ checkpointing, batch 1.
 
 - ``stage1``: a window of ``--history`` framepack-compressed history latent frames + a 4-frame
   chunk at 832x480; flow-matching loss, backward, gradient clipping, AdamW step.
+- ``stage1-fp8``: the same step with the transformer blocks' linears converted for FP8 training
+  (biwm-quant's ``fp8`` quantizer, torchao float8 training, rowwise scales; eager, as ``stage1``).
+  ``vs_stage1``: its step time over ``stage1``'s measured in the same run (below 1: faster). Where
+  no FP8 GEMM exists (the CPU, GPUs before compute capability 8.9) torchao emulates the casts
+  (``fp8_emulated``): a ratio of the emulation, not of FP8 GEMMs.
 - ``dmd`` / ``dmd-lora``: the generator rolls out 5 chunks x 4 latent frames after 1 true latent
   frame (81 video frames) with 4 student steps, exiting at the last (so every step runs); DMD
   loss through the teacher (CFG 3, doubled batch) and the critic, generator update and EMA; then
@@ -36,7 +41,7 @@ from _common import (SIZES, base_parser, build_world, environment, gemm_peak_tfl
                      latent_grid, markdown_table, median, parse_list, peak_memory_gb, reset_memory, synchronize,
                      write_json)
 
-PARTS = ["stage1", "dmd", "dmd-lora"]
+PARTS = ["stage1", "stage1-fp8", "dmd", "dmd-lora"]
 
 
 class CountedForwards:
@@ -85,11 +90,24 @@ class CountedForwards:
         return self.model_flops, self.recompute_flops
 
 
-def stage1(args, device: torch.device):
+def stage1(args, device: torch.device, fp8: bool = False):
     from biwm.core.stages.common import text_embeddings
     from biwm.core.stages.finetune import FinetuneConfig, finetune_loss, make_optimizer
 
     world = build_world(args.preset, device, args.dtype, gradient_checkpointing=args.checkpointing).train()
+    quantized = {}
+    if fp8:  # as a recipe's model.quantize: {name: fp8} converts it for training
+        import warnings
+
+        from biwm.core.plugins import get_plugin_manager
+        from biwm.quant.fp8 import fp8_gemm_available
+
+        quantizer = get_plugin_manager().get("quantizer", "fp8").create({"granularity": "row"})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the emulation is recorded below
+            quantizer.convert(world.backbone.trainable(), training=True)
+        quantized = {"quantize": "fp8 rowwise (torchao float8 training)",
+                     "fp8_emulated": not fp8_gemm_available(device)}
     h, w = latent_grid(world, args.height, args.width)
     bb = world.backbone
     cfg = FinetuneConfig(chunk_frames=4, max_history=args.history)
@@ -111,7 +129,7 @@ def stage1(args, device: torch.device):
 
     tokens = world.compressor.token_budget(args.history, (h // 2, w // 2)) + cfg.chunk_frames * (h // 2) * (w // 2)
     setup = {"history_latent_frames": args.history, "chunk_latent_frames": cfg.chunk_frames, "window_tokens": tokens,
-             "trainable_params_m": sum(p.numel() for p in params) / 1e6}
+             "trainable_params_m": sum(p.numel() for p in params) / 1e6, **quantized}
     return step, [world], setup
 
 
@@ -147,8 +165,8 @@ def dmd(args, device: torch.device, critic: str):
 def measure(part: str, args, device: torch.device, peak: float) -> dict[str, Any]:
     reset_memory(device)
     started = time.perf_counter()
-    if part == "stage1":
-        step, worlds, setup = stage1(args, device)
+    if part in ("stage1", "stage1-fp8"):
+        step, worlds, setup = stage1(args, device, fp8=part == "stage1-fp8")
     else:
         step, worlds, setup = dmd(args, device, "lora" if part == "dmd-lora" else "full")
     counted = CountedForwards(worlds, args.checkpointing)
@@ -178,16 +196,17 @@ def measure(part: str, args, device: torch.device, peak: float) -> dict[str, Any
     return out
 
 
-HEADER = ["part", "step s", "TFLOP/step", "MFU", "HFU", "peak GB", "reserved GB"]
+HEADER = ["part", "step s", "vs stage1", "TFLOP/step", "MFU", "HFU", "peak GB", "reserved GB"]
 
 
 def rows(results: dict[str, Any]) -> list[list[Any]]:
     out = []
     for part, r in results.items():
         if "error" in r:
-            out.append([part, f"failed: {r['error'][:60]}", None, None, None, None, None])
+            out.append([part, f"failed: {r['error'][:60]}"] + [None] * (len(HEADER) - 2))
         else:
-            out.append([part, r["step_s"], r["tflop_per_step"], r["mfu"], r["hfu"], r["peak_gb"], r["reserved_gb"]])
+            out.append([part, r["step_s"], r.get("vs_stage1"), r["tflop_per_step"], r["mfu"], r["hfu"], r["peak_gb"],
+                        r["reserved_gb"]])
     return out
 
 
@@ -217,7 +236,15 @@ def main(argv: list[str] | None = None) -> int:
         except torch.cuda.OutOfMemoryError as e:
             results[part] = {"error": f"out of memory: {str(e).splitlines()[0]}"}
             reset_memory(device)
+        except Exception as e:  # FP8 training that cannot run here (no torchao, a shape or dtype it refuses)
+            if part != "stage1-fp8":
+                raise
+            results[part] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            reset_memory(device)
         print(f"  {results[part]}", file=sys.stderr, flush=True)
+    fp8, bf16 = results.get("stage1-fp8", {}), results.get("stage1", {})
+    if "step_s" in fp8 and "step_s" in bf16:  # both measured in this run
+        fp8["vs_stage1"] = fp8["step_s"] / bf16["step_s"]
 
     table = markdown_table(HEADER, rows(results))
     print(table)

@@ -21,6 +21,10 @@ Variants (each adds to the one before):
   the warm-up column).
 - ``world-bf16-graphs``: ``world-bf16`` with CUDA graphs (``mode="reduce-overhead"``): the forward
   and backward of each history length replay as one graph, no per-kernel launch cost.
+- ``world-bf16-auto`` / ``-auto-graphs``: ``world-bf16`` with torch's automatic dynamic shapes
+  (``dynamic=None``): only the sizes that change between windows (the history length) become symbolic.
+- ``world-bf16-static`` / ``-static-graphs``: one static graph per history length (9), no symbolic
+  shapes; the ``-graphs`` variant reuses inductor's cache of the first.
 - ``world-bf16-cg``: the whole forward captured in CUDA graphs without inductor (``compile: graphs``:
   the ``cudagraphs`` backend, static shapes, one graph per history length; eager kernels, no per-kernel
   launch cost).
@@ -41,7 +45,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, markdown_table, median, parse_list, synchronize, write_json  # noqa: E402
 
-VARIANTS = ["before", "resident", "bf16", "compile", "compile-bf16", "world-bf16", "world-bf16-graphs", "world-bf16-cg"]
+VARIANTS = ["before", "resident", "bf16", "compile", "compile-bf16", "world-bf16", "world-bf16-graphs", "world-bf16-cg",
+            "world-bf16-auto", "world-bf16-auto-graphs", "world-bf16-static", "world-bf16-static-graphs"]
 BLOCK = 25
 
 
@@ -68,7 +73,8 @@ def forced_batch(data, cfg, h_len: int, device: torch.device):
     idx = torch.arange(cfg.batch_size, device=data.latents.device) % data.latents.shape[0]
     window = data.latents[idx, :, cfg.max_history - h_len:cfg.max_history + k].to(device)
     camera = data.camera.select(idx).frames(slice((cfg.max_history - h_len) * tf, (cfg.max_history + k) * tf))
-    return window[:, :, h_len:].contiguous(), window[:, :, :h_len].contiguous(), camera.to(device)  # as sample_batch
+    return (window[:, :, h_len:].contiguous(), window[:, :, :h_len].contiguous(),  # as sample_batch
+            camera.to(device).contiguous())
 
 
 def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
@@ -96,8 +102,10 @@ def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
     elif variant.startswith("world"):
         from biwm.core.speed import compile_world
 
-        compile_world(world, **({"mode": "reduce-overhead"} if variant.endswith("graphs") else  # as compile: world
-                                 {"backend": "cudagraphs", "dynamic": False} if variant.endswith("cg") else {}))
+        options = ({"backend": "cudagraphs", "dynamic": False} if variant.endswith("cg")  # as compile: graphs
+                   else {"dynamic": None} if "auto" in variant  # automatic dynamic: changed sizes only
+                   else {"dynamic": False} if "static" in variant else {})  # a graph per history length
+        compile_world(world, **options, **({"mode": "reduce-overhead"} if variant.endswith("graphs") else {}))
     shapes = torch.Generator().manual_seed(1)
     noise = torch.Generator() if variant == "before" else torch.Generator(device)
     world.train()

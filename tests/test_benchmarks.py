@@ -20,10 +20,14 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 def test_rollout_benchmark_on_cpu_counts_frames_flops_and_merges_presets(tmp_path):
     out = tmp_path / "rollout"
     proc = run("rollout.py", "--preset", "tiny", "--seconds", "1.5", "--repeats", "1", "--dtype", "float32",
-               "--variants", "eager,overlap", "--out", str(out))
+               "--variants", "eager,overlap,nvfp4", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.with_suffix(".json").read_text())
     model = data["models"]["tiny"]
+    # the transformer's weights as stored: fp32, then its block linears packed to NVFP4 (measured 14.7 -> 4.4 MiB)
+    weights = {name: r["weight_bytes"] for name, r in model["variants"].items()}
+    assert weights["eager"] == weights["overlap"] > 3 * weights["nvfp4"] > 0
+    assert model["variants"]["nvfp4"]["fps_sustained"] > 0 and "| nvfp4 |" in out.with_suffix(".md").read_text()
     setup = model["setup"]
     # 1.5 s at 16 fps = 24 frames; the pixel codec has 1 frame per latent frame: 6 chunks of 4 frames of
     # 32x32 pixels = 8x8 latents = 4x4 tokens
@@ -68,6 +72,9 @@ def test_train_benchmark_on_cpu_times_stage1_and_both_dmd_critics(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.with_suffix(".json").read_text())
     s1, full, lora = data["stage1"], data["dmd"], data["dmd-lora"]
+    fp8 = data["stage1-fp8"]  # the same step with torchao float8 training, emulated on the CPU
+    assert fp8["fp8_emulated"] is True and fp8["vs_stage1"] == fp8["step_s"] / s1["step_s"] > 0
+    assert fp8["tflop_per_step"] == s1["tflop_per_step"] and "| stage1-fp8 |" in out.with_suffix(".md").read_text()
     assert s1["window_tokens"] == 16 + 4 + 2 + 4 * 16  # framepack over 8 frames (1 + 2 + 5 at 4x) + the 4-frame chunk
     for r in (s1, full, lora):
         assert r["step_s"] > 0 and r["mfu"] > 0 and r["hfu"] > r["mfu"]

@@ -173,7 +173,7 @@ def test_a_recipe_with_model_quantize_nvfp4_trains_and_its_saved_model_loads_bac
     path.parent.mkdir()
     shutil.copy(tmp_path / "run" / "finetune" / "model.safetensors", path)
     assert read_card(path)["model"]["quantize"] == {
-        "name": "nvfp4", "options": {"scheme": "w4a4", "modules": None, "emulate": "always"}}
+        "name": "nvfp4", "options": {"scheme": "w4a4", "modules": None, "emulate": "always", "self_distill": 0.0}}
 
     world, _ = biwm.core.load(path)
     fake = [m for m in world.backbone.trainable().modules() if isinstance(m, NVFP4FakeQuantLinear)]

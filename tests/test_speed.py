@@ -122,10 +122,9 @@ def test_fp8_errors_name_what_is_wrong():
 
     spec = get_plugin_manager().get("quantizer", "fp8")
     world = tiny_world()
-    with pytest.raises(ValueError, match="inference only"):
-        spec.create({}).convert(world.backbone.trainable(), training=True)
-    with pytest.raises(ValueError, match="no linear layer under 'nothing.'"):
-        spec.create({"modules": "nothing."}).convert(world.backbone.trainable(), training=False)
+    for training in (True, False):  # training: torchao float8 training (tests/test_quant_fp8_training.py)
+        with pytest.raises(ValueError, match="no linear layer under 'nothing.'"):
+            spec.create({"modules": "nothing."}).convert(world.backbone.trainable(), training=training)
     with pytest.raises(RuntimeError, match="no FP8 GEMMs"):
         spec.create({"emulate": "never"}).convert(world.backbone.trainable(), training=False)
     with pytest.raises(Exception, match="granularity"):
@@ -429,9 +428,11 @@ def test_training_compiled_world_has_one_graph_per_history_length_and_matches_ea
 
 
 @pytest.mark.parametrize("value, called", [(True, "compile_blocks"), ("blocks", "compile_blocks"),
-                                           ("world", "compile_world"), ("graphs", "compile_world")])
+                                           ("world", "compile_world"), ("world-graphs", "compile_world"),
+                                           ("graphs", "compile_world")])
 def test_finetune_compile_option_picks_the_compiler(value, called, tmp_path, monkeypatch):
-    """The stage's compile option reaches the right compiler (graphs: the cudagraphs backend), and a
+    """The stage's compile option reaches the right compiler (world: inductor, world-graphs: inductor in
+    CUDA graphs, graphs: the cudagraphs backend; the last three static per history length), and a
     wrong value is refused when the recipe is validated, naming the field."""
     from pydantic import ValidationError
 
@@ -451,8 +452,10 @@ def test_finetune_compile_option_picks_the_compiler(value, called, tmp_path, mon
         "stages": [{"stage": "finetune", "steps": 1, "batch_size": 2, "max_history": 4, "compile": value}]})
     run_recipe(recipe)
     assert [c[0] for c in calls] == [called]
-    if value == "graphs":
-        assert calls[0][1]["backend"] == "cudagraphs" and calls[0][1]["dynamic"] is False
+    if value in ("world", "world-graphs", "graphs"):  # one static graph per history length
+        assert calls[0][1]["dynamic"] is False
+    assert calls[0][1].get("backend") == ("cudagraphs" if value == "graphs" else None)
+    assert calls[0][1].get("mode") == ("reduce-overhead" if value == "world-graphs" else None)
     with pytest.raises(ValidationError, match="compile"):
         FinetuneConfig(compile="fast")
 

@@ -399,3 +399,13 @@ class BackboneOptions(BaseModel):
         if self.pixel_codec:
             return []
         return missing_parts(None if self.weights is None else Path(self.weights), self.PART_NAMES)
+
+
+def attach_block_method(blocks, name: str, fn) -> None:
+    """``fn(block, ...)`` as each of diffusers' ``blocks``' own method ``name``: code that reads a block's
+    weights outside its ``forward`` runs through it, so FSDP2, which shards each block as a unit, gathers
+    the weights around it (:func:`biwm.core.sharded.register_window_forwards`)."""
+    import types
+
+    for block in blocks:
+        setattr(block, name, types.MethodType(fn, block))

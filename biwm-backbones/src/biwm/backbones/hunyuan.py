@@ -27,12 +27,13 @@ from torch import Tensor, nn
 from biwm.core.checkpoint import read_json_object
 from biwm.core.config import InputDir
 from biwm.core.protocols import BlockOutput
-from biwm.core.sharded import WINDOW_FORWARD  # the block method that runs it on a window
+from biwm.core.sharded import ATTENTION_FEATURES, WINDOW_FORWARD  # the block methods other than forward
 from biwm.core.text import TextConditioning, TextEncoding
 
 from biwm.backbones.codecs import ByteTextEncoder
-from biwm.backbones.common import (DTYPES, BackboneConfigError, BackboneOptions, CachedTextEncoders,
-                                   ContextVAECodec, DiffusersBackbone, MaskableProcessor, load_text_encoders_once)
+from biwm.backbones.common import (DTYPES, BackboneConfigError, BackboneOptions, CachedTextEncoders, ContextVAECodec,
+                                    DiffusersBackbone, MaskableProcessor, load_text_encoders_once,
+                                    attach_block_method)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -160,6 +161,15 @@ def _window_forward(blk: nn.Module, hidden: Tensor, text: Tensor, temb: Tensor, 
     norm_text = blk.norm2_context(text) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
     text = text + c_gate_mlp.unsqueeze(1) * blk.ff_context(norm_text)
     return hidden, text
+
+
+def _attention_features(blk: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """A HunyuanVideo15TransformerBlock's queries and keys of ``tokens`` [B, L, D] (its method)."""
+    attn = blk.attn
+    x = blk.norm1.norm(tokens.to(attn.to_q.weight.dtype))  # the block's pre-attention norm, without modulation
+    q = attn.norm_q(attn.to_q(x).unflatten(-1, (attn.heads, -1)))
+    k = attn.norm_k(attn.to_k(x).unflatten(-1, (attn.heads, -1)))
+    return q, k
 
 
 class WindowBlock(nn.Module):
@@ -301,6 +311,7 @@ class HunyuanBackbone(DiffusersBackbone):
             raise BackboneConfigError(f"transformer in_channels={cfg.in_channels}, out_channels={cfg.out_channels} "
                                       f"do not fit the codec's {codec.latent_channels} latent channels")
         self.install_processors([block.attn for block in transformer.transformer_blocks], WindowAttnProcessor)
+        attach_block_method(transformer.transformer_blocks, ATTENTION_FEATURES, _attention_features)
         # a plain list: the blocks' parameters belong to the transformer (one copy in every state dict)
         self._window_blocks = [WindowBlock(block) for block in transformer.transformer_blocks]
 
@@ -333,12 +344,7 @@ class HunyuanBackbone(DiffusersBackbone):
         return conv
 
     def attention_features(self, tokens: Tensor, block: int = 0) -> tuple[Tensor, Tensor]:
-        blk = self.transformer.transformer_blocks[block]
-        attn = blk.attn
-        x = blk.norm1.norm(tokens.to(self.dtype))  # the block's pre-attention norm, without modulation
-        q = attn.norm_q(attn.to_q(x).unflatten(-1, (attn.heads, -1)))
-        k = attn.norm_k(attn.to_k(x).unflatten(-1, (attn.heads, -1)))
-        return q, k
+        return getattr(self.transformer.transformer_blocks[block], ATTENTION_FEATURES)(tokens)
 
     def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """(cos, sin) [L, head_dim] at (frame, row, col) positions, diffusers' HunyuanVideo15RotaryPosEmbed

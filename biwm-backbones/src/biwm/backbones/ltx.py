@@ -29,11 +29,12 @@ from torch import Tensor, nn
 
 from biwm.core.config import InputDir
 from biwm.core.protocols import BlockOutput
+from biwm.core.sharded import ATTENTION_FEATURES  # the block method packforcing scores with
 from biwm.core.text import TextConditioning, TextEncoding
 
 from biwm.backbones.codecs import ByteTextEncoder
-from biwm.backbones.common import (DTYPES, BackboneConfigError, BackboneOptions, CachedTextEncoders,
-                                   ContextVAECodec, DiffusersBackbone, load_text_encoders_once)
+from biwm.backbones.common import (DTYPES, BackboneConfigError, BackboneOptions, CachedTextEncoders, ContextVAECodec,
+                                    DiffusersBackbone, load_text_encoders_once, attach_block_method)
 
 # LTX-2.3 as diffusers converts it: scripts/convert_ltx2_to_diffusers.py (huggingface/diffusers, added with
 # LTX-2.3 support in #13217, unchanged since), version "2.3" ("model_id": "Lightricks/LTX-2.3"):
@@ -133,6 +134,14 @@ def _pipeline() -> Any:
 
 
 # -- blocks ---------------------------------------------------------------------------------------
+def _attention_features(blk: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """An LTX2VideoTransformerBlock's video queries and keys of ``tokens`` [B, L, D] (its method)."""
+    attn = blk.attn1
+    x = blk.norm1(tokens.to(attn.to_q.weight.dtype))  # the block's pre-attention norm, without modulation
+    q, k = attn.norm_q(attn.to_q(x)), attn.norm_k(attn.to_k(x))
+    return q.unflatten(-1, (attn.heads, -1)), k.unflatten(-1, (attn.heads, -1))
+
+
 class WindowBlock(nn.Module):
     """One of diffusers' LTX2VideoTransformerBlock, run on the video stream alone: the audio stream is a
     stand-in of one zero token and the audio-video cross-attention is off both ways, so the video output
@@ -252,6 +261,7 @@ class LTXBackbone(DiffusersBackbone):
         self.frame_rate = frame_rate
         # a plain list: the blocks' parameters belong to the transformer (one copy in every state dict)
         self._window_blocks = [WindowBlock(block) for block in transformer.transformer_blocks]
+        attach_block_method(transformer.transformer_blocks, ATTENTION_FEATURES, _attention_features)
 
     # -- Backbone protocol (the rest: DiffusersBackbone) -------------------------------------
     @property
@@ -279,11 +289,7 @@ class LTXBackbone(DiffusersBackbone):
         return conv
 
     def attention_features(self, tokens: Tensor, block: int = 0) -> tuple[Tensor, Tensor]:
-        blk = self.transformer.transformer_blocks[block]
-        attn = blk.attn1
-        x = blk.norm1(tokens.to(self.dtype))  # the block's pre-attention norm, without modulation
-        q, k = attn.norm_q(attn.to_q(x)), attn.norm_k(attn.to_k(x))
-        return q.unflatten(-1, (attn.heads, -1)), k.unflatten(-1, (attn.heads, -1))
+        return getattr(self.transformer.transformer_blocks[block], ATTENTION_FEATURES)(tokens)
 
     def video_coords(self, positions: Tensor) -> Tensor:
         """[1, 3, L, 2] pixel-space [start, end) bounds of the tokens at (frame, row, col) ``positions`` [L, 3]

@@ -17,12 +17,13 @@ from torch import Tensor, nn
 
 from biwm.core.config import InputDir
 from biwm.core.protocols import BlockOutput
+from biwm.core.sharded import ATTENTION_FEATURES  # the block method packforcing scores with
 from biwm.core.text import TextConditioning, TextEncoding
 
 from biwm.backbones.codecs import ByteTextEncoder, PixelCodec
-from biwm.backbones.common import (DTYPES, BackboneConfigError, BackboneOptions, DiffusersBackbone,
-                                   MaskableProcessor, cast_like_from_pretrained, channels_last_conv3d,
-                                   transformer_dir)
+from biwm.backbones.common import (DTYPES, BackboneConfigError, BackboneOptions, DiffusersBackbone, MaskableProcessor,
+                                    cast_like_from_pretrained, channels_last_conv3d, transformer_dir,
+                                    attach_block_method)
 
 # Exact published shapes (diffusers-format configs of the Wan-AI releases).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -198,6 +199,15 @@ class UMT5TextEncoder(nn.Module):
         return TextEncoding(self.encoder(ids, mask).last_hidden_state, mask.bool())
 
 
+def _attention_features(blk: nn.Module, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """A WanTransformerBlock's queries and keys of ``tokens`` [B, L, D] (its method; see ``attention_features``)."""
+    attn = blk.attn1
+    x = blk.norm1(tokens.float()).type_as(tokens)  # the block's pre-attention norm, without modulation
+    q = attn.norm_q(attn.to_q(x)) if attn.norm_q is not None else attn.to_q(x)
+    k = attn.norm_k(attn.to_k(x)) if attn.norm_k is not None else attn.to_k(x)
+    return q.unflatten(-1, (attn.heads, -1)), k.unflatten(-1, (attn.heads, -1))
+
+
 class WanBackbone(DiffusersBackbone):
     """The Backbone protocol over a diffusers WanTransformer3DModel. Its text conditioning has one
     encoder, ``TEXT_ENCODER`` (UMT5, or the byte stand-in of the pixel-codec presets)."""
@@ -213,6 +223,7 @@ class WanBackbone(DiffusersBackbone):
             raise BackboneConfigError(f"transformer in_channels={cfg.in_channels} does not match the codec's "
                                       f"{codec.latent_channels} latent channels")
         self.install_processors([block.attn1 for block in transformer.blocks], MaskableWanAttnProcessor)
+        attach_block_method(transformer.blocks, ATTENTION_FEATURES, _attention_features)
 
     # -- Backbone protocol (the rest: DiffusersBackbone) -------------------------------------
     @property
@@ -227,12 +238,7 @@ class WanBackbone(DiffusersBackbone):
         return self.transformer.patch_embedding
 
     def attention_features(self, tokens: Tensor, block: int = 0) -> tuple[Tensor, Tensor]:
-        blk = self.transformer.blocks[block]
-        attn = blk.attn1
-        x = blk.norm1(tokens.float()).type_as(tokens)  # the block's pre-attention norm, without modulation
-        q = attn.norm_q(attn.to_q(x)) if attn.norm_q is not None else attn.to_q(x)
-        k = attn.norm_k(attn.to_k(x)) if attn.norm_k is not None else attn.to_k(x)
-        return q.unflatten(-1, (attn.heads, -1)), k.unflatten(-1, (attn.heads, -1))
+        return getattr(self.transformer.blocks[block], ATTENTION_FEATURES)(tokens)
 
     def rotary(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         from diffusers.models.embeddings import get_1d_rotary_pos_embed

@@ -231,6 +231,12 @@ class CameraTrack:
         actions = None if self.actions is None else self.actions.to(device)
         return CameraTrack(self.c2w.to(device), self.intrinsics.to(device), actions)
 
+    def contiguous(self) -> CameraTrack:
+        """The same track in contiguous tensors at offset 0 (a compiled forward then sees no strides or
+        storage offsets that vary with the slice a window was cut from)."""
+        actions = None if self.actions is None else self.actions.contiguous()
+        return CameraTrack(self.c2w.contiguous(), self.intrinsics.contiguous(), actions)
+
     def frames(self, index: slice | Tensor) -> CameraTrack:
         """Frames along T: a slice, a LongTensor [K] for every clip, or [B, K] per clip."""
         actions = None if self.actions is None else _index_time(self.actions, index)

@@ -310,7 +310,11 @@ class DatasetScorer(Protocol):
 
 @runtime_checkable
 class Quantizer(Protocol):
-    """Converts a model's linear layers for training or inference."""
+    """Converts a model's linear layers for training or inference.
+
+    Optional: ``full_precision(module)``, a context manager in which the linears it converted for
+    training multiply their full-precision weights; with it, options that have a ``self_distill``
+    weight get the stages' self-distillation term (:mod:`biwm.core.selfdistill`)."""
 
     def convert(self, module: nn.Module, *, training: bool) -> nn.Module: ...
 

@@ -227,17 +227,21 @@ def load_sharded_checkpoint(path: Path, world: "nn.Module | Parts", optimizer: t
 
 
 WINDOW_FORWARD = "window_forward"
+ATTENTION_FEATURES = "attention_features"  # a block's query/key projections of tokens (packforcing scores with them)
+BLOCK_METHODS = (WINDOW_FORWARD, ATTENTION_FEATURES)  # block methods other than forward that read its weights
 
 
 def register_window_forwards(world: nn.Module) -> None:
     """After ``prepare``: a sharded unit that a backbone runs through a method other than ``forward`` (its
-    ``window_forward``: hunyuan's blocks, re-composed from their submodules) gathers and frees its parameters
-    around that method too (torch's ``register_fsdp_forward_method``)."""
+    ``window_forward``: hunyuan's blocks, re-composed from their submodules; its ``attention_features``,
+    which a compressor calls) gathers and frees its parameters around that method too (torch's
+    ``register_fsdp_forward_method``)."""
     from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
     for m in world.modules():
-        if isinstance(m, FSDPModule) and callable(m.__dict__.get(WINDOW_FORWARD)):
-            register_fsdp_forward_method(m, WINDOW_FORWARD)
+        for name in BLOCK_METHODS:
+            if isinstance(m, FSDPModule) and callable(m.__dict__.get(name)):
+                register_fsdp_forward_method(m, name)
 
 
 def reshard(module: nn.Module) -> None:
@@ -276,6 +280,16 @@ class ShardedEMA:
                 s.copy_(p)
             else:
                 s.lerp_(p, 1 - self.decay)
+        self.updates += 1
+
+    @torch.no_grad()
+    def update(self, modules: dict[str, nn.Module], step: int) -> None:
+        """After finetune step ``step`` (0-based): :class:`biwm.core.ema.ModelEMA`'s rule, ``decay' =
+        min(decay, (1 + step) / (10 + step))``, which depends on the step alone (nothing to resume)."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        # one fused lerp over the local shards: a DTensor op per parameter costs a dispatch each
+        torch._foreach_lerp_([_local(s) for s in self.shadow.values()],
+                             [_local(p) for p in self._current(modules)], 1 - decay)
         self.updates += 1
 
     @torch.no_grad()

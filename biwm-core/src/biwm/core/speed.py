@@ -111,7 +111,7 @@ def compile_blocks(world: WorldModel, dynamic: bool | None = False, mode: str | 
         module.compile(**kwargs)
 
 
-def compile_world(world: WorldModel, dynamic: bool = True, mode: str | None = None, recompile_limit: int = 64,
+def compile_world(world: WorldModel, dynamic: bool | None = True, mode: str | None = None, recompile_limit: int = 64,
                   **kwargs: Any) -> None:
     """torch.compile the world model's whole forward in place (window -> velocity): the embeddings,
     controls, history, blocks and un-embedding in one graph, so inductor fuses across them and the
@@ -121,7 +121,9 @@ def compile_world(world: WorldModel, dynamic: bool = True, mode: str | None = No
     no history, one frame (sizes 0 and 1 always specialise) and every longer history, provided the
     inputs are contiguous (their strides would otherwise be guarded per length; ``sample_batch`` makes
     them so). Duck sizing is turned off (globally), or a history length equal to another size (the batch,
-    say) would be tied to it. ``dynamic=False``: one static graph per window shape. ``mode="reduce-overhead"``
+    say) would be tied to it. ``dynamic=None``: torch's automatic dynamic shapes: the first graph is
+    static and a recompile makes symbolic only the sizes that changed (the history length), not the
+    batch, channels and frame size too. ``dynamic=False``: one static graph per window shape. ``mode="reduce-overhead"``
     adds CUDA graphs. Other keyword arguments go to ``torch.compile`` (e.g. ``backend="cudagraphs"``:
     CUDA graphs of eager kernels, captured in seconds rather than compiled in minutes)."""
     import torch._dynamo
@@ -133,7 +135,7 @@ def compile_world(world: WorldModel, dynamic: bool = True, mode: str | None = No
     # between tilings, so turning it off changes kernel choices, not results
     inductor_config.triton.coalesce_tiling_analysis = False
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, recompile_limit)
-    if dynamic:
+    if dynamic is not False:
         fx_config.use_duck_shape = False
     world.compile(dynamic=dynamic, mode=mode, **kwargs)
 

@@ -89,8 +89,9 @@ class WorldModel(nn.Module):
         blocks it runs, ``block_modules``): accelerate's FSDP auto-wrap (TRANSFORMER_BASED_WRAP) shards each as
         its own unit, gathered by its forward (or the ``window_forward`` it is run by:
         :func:`biwm.core.sharded.register_window_forwards`); the rest of the model (embeddings, controls,
-        compressor, output) is the root's, gathered by this forward."""
-        units = getattr(self.backbone, "shard_units", self.backbone.block_modules)()
+        compressor, output) is the root's, gathered by this forward. A critic's ``loss_heads`` (the distill
+        stage's losses with parameters, e.g. gan's head) are units too, each gathered by its own forward."""
+        units = [*getattr(self.backbone, "shard_units", self.backbone.block_modules)(), *getattr(self, "loss_heads", ())]
         return sorted({type(block).__name__ for block in units})
 
     def trainable_modules(self) -> dict[str, nn.Module]:

@@ -24,11 +24,18 @@ class ForwardKLOptions(BaseModel):
 
 
 def density_weights(logits: Tensor, divergence: str, logit_clamp: float = 10.0, ratio_min: float = 0.1,
-                    ratio_max: float = 20.0) -> Tensor:
-    """h(r) / mean h(r) per sample, r = exp(logit) clamped."""
+                    ratio_max: float = 20.0, part: tuple[int, int] | None = None) -> Tensor:
+    """h(r) / mean h(r) per sample, r = exp(logit) clamped. ``part`` (rank, processes): ``logits`` are this
+    rank's share of a global batch, and the mean is the global batch's (summed over the processes)."""
     r = logits.clamp(-logit_clamp, logit_clamp).exp().clamp(ratio_min, ratio_max)
     h = {"forward-kl": r, "js": r / (1 + r), "reverse-kl": torch.ones_like(r)}[divergence]
-    return h / h.mean()
+    if part is None or part[1] == 1:
+        return h / h.mean()
+    import torch.distributed as dist
+
+    total = h.sum()
+    dist.all_reduce(total)
+    return h / (total / (h.shape[0] * part[1]))
 
 
 class ForwardKL(nn.Module):
@@ -51,10 +58,10 @@ class ForwardKL(nn.Module):
         if not self._gan:
             raise RuntimeError("forward-kl: bind() it to the stage's losses first")
         gan = self._gan[0]
-        noisy = gan.noised(step.chunk.latents.detach(), step.chunk.window, step.sigma, step.generator)
+        noisy = gan.noised(step.chunk.latents.detach(), step.chunk.window, step.sigma, step.generator, step.part)
         o = self.options
         step.dmd_weights = density_weights(gan.logits(step.critic, noisy), o.divergence, o.logit_clamp,
-                                           o.ratio_min, o.ratio_max)
+                                           o.ratio_min, o.ratio_max, step.part)
 
     def generator_loss(self, step) -> None:
         return None

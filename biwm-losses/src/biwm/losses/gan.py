@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from biwm.core.protocols import BlockAccess
+from biwm.core.sampling import randn
 from biwm.core.schedule import add_noise
 from biwm.core.window import Window
 
@@ -69,39 +70,53 @@ class GAN(nn.Module):
             lambda _m, _i, out, b=b: captured.__setitem__(b, out[0] if isinstance(out, tuple) else out))
                  for b in self.blocks]
         try:
-            critic(window)
+            out = critic(window)
         finally:
             for hook in hooks:
                 hook.remove()
-        batch = window.chunk.shape[0]
+        # the critic's output joins the logits' graph with weight 0 (same values and gradients): under FSDP2 a
+        # sharded unit re-gathers its parameters for backward when the gradient reaches what its forward
+        # returned, and the critic's root (embeddings, modulation) would otherwise be asked for them through the
+        # tapped blocks only, after an earlier chunk's backward had freed them
+        return self([captured[b] for b in self.blocks]) + 0.0 * out.float().sum()
+
+    def forward(self, states: list[Tensor]) -> Tensor:
+        """The head: one logit per sample from the critic's hidden states [B, L, D] after each tapped block.
+        Its own forward, so that under FSDP2 the head is a unit gathered around it (the distill stage makes
+        it part of the critic)."""
+        batch = states[0].shape[0]
         feats = []
-        for i, b in enumerate(self.blocks):
-            states = self.norms[i](captured[b].float())
+        for i, hidden in enumerate(states):
+            normed = self.norms[i](hidden.to(self.registers.dtype))  # float32; bf16 under FSDP2's bf16 policy
             query = self.registers[i].expand(batch, -1, -1)
-            feats.append(self.attend[i](query, states, states, need_weights=False)[0])
+            feats.append(self.attend[i](query, normed, normed, need_weights=False)[0])
         return self.head(torch.cat(feats, dim=1).flatten(1)).squeeze(-1)
 
-    def noised(self, latents: Tensor, window: Window, sigma: Tensor, generator: torch.Generator) -> Window:
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    def noised(self, latents: Tensor, window: Window, sigma: Tensor, generator: torch.Generator,
+               part: tuple[int, int] | None = None) -> Window:
+        """``latents`` noised to ``sigma`` in ``window``; ``part``: the noise of a global batch's draw, this
+        rank's rows (so N processes noise as one does)."""
+        noise = randn(latents.shape, generator, latents.device, part)
         return window.with_chunk(add_noise(latents, noise, sigma), self.timestep(sigma))
 
     def generator_loss(self, step) -> Tensor | None:
         if self.options.generator_weight == 0:
             return None
-        fake = self.logits(step.critic, self.noised(step.chunk.latents, step.chunk.window, step.sigma, step.generator))
+        fake = self.logits(step.critic, self.noised(step.chunk.latents, step.chunk.window, step.sigma, step.generator,
+                                                    step.part))
         return self.options.generator_weight * F.softplus(-fake).mean()
 
     def critic_loss(self, step) -> Tensor | None:
         if step.real is None:
             raise ValueError("the gan loss needs real chunks (the distill stage provides them)")
         fake = self.logits(step.critic, self.noised(step.chunk.latents.detach(), step.chunk.window, step.sigma,
-                                                     step.generator))
-        real_window = self.noised(step.real.latents, step.real.window, step.sigma, step.generator)
+                                                     step.generator, step.part))
+        real_window = self.noised(step.real.latents, step.real.window, step.sigma, step.generator, step.part)
         real = self.logits(step.critic, real_window)
         loss = F.softplus(fake).mean() + F.softplus(-real).mean()
         if self.options.r1_weight > 0:
             eps = self.options.r1_eps
-            bumped = real_window.with_chunk(real_window.chunk + eps * torch.randn(
-                real_window.chunk.shape, generator=step.generator).to(real_window.chunk.device), real_window.timestep)
+            bumped = real_window.with_chunk(real_window.chunk + eps * randn(
+                real_window.chunk.shape, step.generator, real_window.chunk.device, step.part), real_window.timestep)
             loss = loss + self.options.r1_weight * ((self.logits(step.critic, bumped) - real) / eps).square().mean()
         return self.options.critic_weight * loss

@@ -20,16 +20,22 @@ code its inference configs quantise with, never from block scaling written here.
   quantisation backward) and inference ``NVFP4DynamicActivationNVFP4WeightConfig``. Anywhere else
   (an H100/H200 is 9.0) ``w4a4`` is emulated as above with a warning saying so (``emulate: auto``),
   or refused (``emulate: never``). ``w4a16`` has no NVFP4 GEMM on any GPU: it saves memory, not time.
+- **Self-distillation** (``self_distill: 0.03``, say): the finetune and distill stages add a KL term
+  that pulls the fake-quantised forward towards the same weights' full-precision forward
+  (:mod:`biwm.core.selfdistill`; :meth:`NVFP4.full_precision` bypasses the fake quantisation).
 """
 
 from __future__ import annotations
 
 import warnings
+from contextlib import AbstractContextManager
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
+
+from biwm.quant import plain_forward, plain_linear, replace, where
 
 NVFP4_GEMM_CAPABILITY = (10, 0)
 
@@ -44,6 +50,9 @@ class NVFP4Options(BaseModel):
     emulate: Literal["auto", "always", "never"] = Field(
         "auto", description="w4a4 only: emulate where no NVFP4 GEMM exists (auto, with a warning), always, or "
                             "never (then a GPU before sm100 is an error)")
+    self_distill: float = Field(
+        0.0, ge=0, description="weight of the BF16-teacher -> NVFP4-student self-distillation KL added to the "
+                               "training loss of finetune and distill (the reference release: 0.03; 0: off)")
 
     @model_validator(mode="after")
     def _emulate_needs_w4a4(self) -> "NVFP4Options":
@@ -113,9 +122,7 @@ class NVFP4FakeQuantLinear(nn.Linear):
         return new
 
     def to_linear(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
-        linear.weight, linear.bias = self.weight, self.bias
-        return linear
+        return plain_linear(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.linear(fake_nvfp4(x) if self.activations else x, fake_nvfp4(self.weight), self.bias)
@@ -154,12 +161,10 @@ class NVFP4:
             return False
         if nvfp4_gemm_available(device):
             return True
-        capability = ".".join(map(str, torch.cuda.get_device_capability(device))) if device.type == "cuda" else None
-        where = f"{device} (compute capability {capability})" if capability else str(device)
         if self.options.emulate == "never":
-            raise RuntimeError(f"quantizer nvfp4: {where} has no NVFP4 GEMMs (they need CUDA compute capability "
-                               ">= 10.0, Blackwell); set emulate: auto to emulate w4a4, or use scheme: w4a16")
-        warnings.warn(f"quantizer nvfp4: no NVFP4 GEMMs on {where} (they need compute capability >= 10.0, "
+            raise RuntimeError(f"quantizer nvfp4: {where(device)} has no NVFP4 GEMMs (they need CUDA compute "
+                               "capability >= 10.0, Blackwell); set emulate: auto to emulate w4a4, or use scheme: w4a16")
+        warnings.warn(f"quantizer nvfp4: no NVFP4 GEMMs on {where(device)} (they need compute capability >= 10.0, "
                       "Blackwell); emulating w4a4: weights and inputs rounded to NVFP4 by torchao, products in the "
                       "layer's dtype (NVFP4 accuracy, no speed-up)", stacklevel=3)
         return False
@@ -177,7 +182,7 @@ class NVFP4:
         real = self._real_gemm(device)
         for name, linear in targets:  # back to plain linears (a model converted for training before)
             if hasattr(linear, "to_linear"):
-                _replace(module, name, linear.to_linear())
+                replace(module, name, linear.to_linear())
         if training:
             self._fake_quantise(module, [name for name, _ in targets], real)
             return module
@@ -206,9 +211,16 @@ class NVFP4:
                 new = NVFP4FakeQuantizedLinear.from_linear(linear, activation_config=config, weight_config=config)
             else:
                 new = NVFP4FakeQuantLinear.from_linear(linear, activations=w4a4)
-            _replace(module, name, new)
+            replace(module, name, new)
 
+    def full_precision(self, module: nn.Module) -> AbstractContextManager[None]:
+        """A context in which ``module``'s linears converted for training (fake-quantised, or torchao's
+        NVFP4 QAT linears) multiply their full-precision weights: the self-distillation teacher."""
+        kinds: tuple[type, ...] = (NVFP4FakeQuantLinear,)
+        try:
+            from torchao.prototype.qat.nvfp4 import NVFP4FakeQuantizedLinear
 
-def _replace(module: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(module.get_submodule(parent) if parent else module, child, new)
+            kinds += (NVFP4FakeQuantizedLinear,)
+        except ImportError:
+            pass
+        return plain_forward(module, kinds)

@@ -7,7 +7,10 @@ own base). Each iteration the generator rolls out ``chunks`` chunks on its own h
 true toy-world history, with one random exit step. The critic and every loss's critic term step
 every iteration; the generator every ``generator_every``-th (two time-scale rule), followed by
 its EMA. The stage's ``model.safetensors`` is the EMA generator; its metadata tells ``generate``
-and ``evaluate`` to sample with the student's steps and no CFG.
+and ``evaluate`` to sample with the student's steps and no CFG. A quantizer with ``self_distill`` > 0
+adds its BF16-teacher -> quantised-student term to the generator's loss (:mod:`biwm.core.selfdistill`:
+the teacher is the generator's own weights run unquantised, not the stage's frozen teacher), logged
+as ``distill/self_distill``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from torch import Tensor, nn
 from biwm.core.config import InputFile, PluginRef, Strict
 
 if TYPE_CHECKING:
+    from biwm.core.dmd import DistillStep
+    from biwm.core.selfdistill import SelfDistill
     from biwm.core.text import TextConditioning
     from biwm.core.window import WorldModel
 
@@ -108,17 +113,20 @@ class Distiller:
 
     def __init__(self, cfg: DistillConfig, load: Callable[[bool], WorldModel],
                  make_losses: Callable[[object], list], device: torch.device, attention: str | None = None,
-                 load_generator: Callable[[bool], WorldModel] | None = None, acc=None):
+                 load_generator: Callable[[bool], WorldModel] | None = None, acc=None,
+                 self_distill: SelfDistill | None = None):
         """``load(report)`` builds a world model with the stage-1 weights; ``make_losses(backbone)``
         the stage's losses, given the critic's backbone; ``load_generator`` the generator's start
         (default: ``load``, the teacher's weights). ``acc``: an ``accelerate.Accelerator`` under FSDP2
         (see :mod:`biwm.core.sharded`): the generator and the critic are each prepared with their
         optimizer, the frozen teacher alone (a LoRA critic is the teacher's prepared base with its
-        adapters), and every batch is this rank's share of the global batch."""
+        adapters), and every batch is this rank's share of the global batch. ``self_distill``: the
+        quantizer's term, added to every generator update."""
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
         self.cfg, self.attention = cfg, attention
         self.part: tuple[int, int] | None = None  # (rank, processes) under FSDP2
+        self.self_distill = self_distill
         self.generator = (load_generator or load)(True).to(device).train()
         self.teacher = load(False).to(device).eval().requires_grad_(False)
         self.teacher_context: Callable = nullcontext
@@ -152,12 +160,13 @@ class Distiller:
         """Prepare the three networks for FSDP2 (accelerate takes one model per ``prepare``)."""
         from biwm.core import sharded as fsdp
 
-        with_params = [type(loss).__name__ for loss in self.losses
+        # losses with parameters of their own (gan's head) train with the critic: they become submodules of the
+        # critic, so its optimizer is prepared with them, each its own unit (WorldModel._no_split_modules),
+        # gathered around its forward (the head reads the critic's hidden states there)
+        with_params = [loss for loss in self.losses
                        if isinstance(loss, nn.Module) and any(True for _ in loss.parameters())]
         if with_params:
-            raise ValueError(f"stage distill: under FSDP2 only losses without parameters of their own run yet "
-                             f"({', '.join(with_params)} has some: e.g. gan's head); drop them from losses or "
-                             "distill in one process")
+            self.critic.loss_heads = nn.ModuleList(with_params)
         for world in (self.generator, self.teacher) + (() if self.critic is self.teacher else (self.critic,)):
             fsdp.prepare_plugin(acc, world)
 
@@ -248,6 +257,8 @@ class Distiller:
                     if hasattr(loss, "prepare"):
                         loss.prepare(step)
             loss_g = _total(self.losses, generator_steps, "generator_loss")
+            if self.self_distill is not None:
+                loss_g = loss_g + self._self_distill(generator_steps)
             self.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             # under FSDP2 the gradients are DTensor shards: the norm is over every rank's shards
@@ -262,6 +273,22 @@ class Distiller:
         self.opt_c.step()
         return loss_g, loss_c, exit_step
 
+    def _self_distill(self, steps: list[DistillStep]) -> Tensor:
+        """The quantizer's self-distillation term, averaged over the chunks: each generated chunk
+        (detached) re-noised with fresh noise to its DMD noise level, the generator's quantised
+        forward there against its own full-precision one."""
+        from biwm.core.dmd import randn
+        from biwm.core.schedule import add_noise
+
+        total = None
+        for step in steps:
+            x0 = step.chunk.latents.detach()
+            x_t = add_noise(x0, randn(x0.shape, step.generator, x0.device, self.part), step.sigma)
+            window = step.chunk.window.with_chunk(x_t, self.generator.backbone.timestep(step.sigma))
+            term = self.self_distill(self.generator, window, step.sigma)
+            total = term if total is None else total + term
+        return total / len(steps)
+
 
 def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
     from biwm.core import sharded as fsdp
@@ -269,6 +296,7 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
     from biwm.core.dmd import student_sigmas
     from biwm.core.plugins import get_plugin_manager
     from biwm.core.runner import progress_bar
+    from biwm.core.selfdistill import SelfDistill
     from biwm.core.stages.common import clips_text, load_world_model, text_embeddings, training_batches
 
     recipe = ctx.recipe
@@ -295,7 +323,8 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
             return load_world_model(ctx, init=cfg.generator_init, strict=False, report=report)
 
     nets = Distiller(cfg, lambda report: load_world_model(ctx, init=cfg.init, strict=strict, report=report),
-                     make_losses, device, load_generator=load_generator, acc=acc if sharded else None)
+                     make_losses, device, load_generator=load_generator, acc=acc if sharded else None,
+                     self_distill=SelfDistill.from_recipe(recipe))
     if sharded:
         ctx.console.print(fsdp.describe(nets.generator, acc), highlight=False)
 
@@ -327,6 +356,7 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
 
     history_g: list[float] = []
     history_c: list[float] = []
+    history_sd: list[float] = []  # the self-distillation term of each generator update
     started = time.time()
     with progress_bar(ctx.console, "distill", cfg.steps, completed=it) as update:
         while it < cfg.steps:
@@ -341,6 +371,9 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
             if loss_g is not None:
                 counts["generator_updates"] += 1
                 history_g.append(_finite(loss_g.item(), "generator", it, cfg))
+                if nets.self_distill is not None:
+                    term = nets.self_distill.take()
+                    history_sd.append(float(acc.reduce(term, "mean") if sharded else term))
             counts["critic_updates"] += 1
             history_c.append(_finite(loss_c.item(), "critic", it, cfg))
             it += 1
@@ -348,15 +381,19 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
             ctx.log({"distill/critic_loss": history_c[-1], "distill/exit_step": exit_step,
                      "distill/generator_lr": nets.opt_g.param_groups[0]["lr"],
                      "distill/critic_lr": nets.opt_c.param_groups[0]["lr"],
-                     **({"distill/generator_loss": history_g[-1]} if loss_g is not None else {})}, step=it)
+                     **({"distill/generator_loss": history_g[-1]} if loss_g is not None else {}),
+                     **({"distill/self_distill": history_sd[-1]} if loss_g is not None and history_sd else {})},
+                    step=it)
             if it % cfg.checkpoint_every == 0 and it < cfg.steps and sharded:  # every rank writes its shards
                 fsdp.save_sharded_checkpoint(ckpt_dir, it, nets.sharded_parts(), None, {"counts": counts}, rng, acc,
                                              tensors=nets.ema.shadow if nets.ema is not None else None)
             elif it % cfg.checkpoint_every == 0 and it < cfg.steps:
                 save_checkpoint(ckpt_dir, it, nets.modules(), nets.optimizers(), {"counts": counts}, rng)
 
+    distilled = {"distill_self_distill_last": history_sd[-1]} if history_sd else {}
     if sharded:
-        return _finish_sharded(ctx, cfg, nets, stage_dir, it, counts, history_g, history_c, started, acc)
+        return {**_finish_sharded(ctx, cfg, nets, stage_dir, it, counts, history_g, history_c, started, acc),
+                **distilled}
     final = dict(nets.ema.module.items()) if nets.ema is not None else nets.generator.trainable_modules()
     for what, modules in (("generator", final), ("critic", nets.critic.trainable_modules())):
         bad = [f"{name}.{k}" for name, m in modules.items() for k, p in m.named_parameters()
@@ -366,7 +403,7 @@ def run(ctx, cfg: DistillConfig, stage_dir: Path) -> dict:
                                      f"({len(bad)} tensors, e.g. {', '.join(bad[:2])}); {_blame(cfg, what)}")
     model_file = stage_dir / "model.safetensors"
     save_weights(model_file, final, _model_metadata(ctx, cfg, model_file))
-    return _metrics(cfg, it, counts, history_g, history_c, started)
+    return {**_metrics(cfg, it, counts, history_g, history_c, started), **distilled}
 
 
 def _model_metadata(ctx, cfg: DistillConfig, model_file: Path) -> dict[str, str]:

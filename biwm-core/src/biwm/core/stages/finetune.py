@@ -2,7 +2,9 @@
 camera/action control, in the bidirectional window (METHODS.md §1-2).
 
 Each step samples one window shape for the whole batch (chunk start, history length including 0),
-so shapes stay fixed within a step; the flow-matching loss covers the chunk's tokens only.
+so shapes stay fixed within a step; the flow-matching loss covers the chunk's tokens only. A
+quantizer with ``self_distill`` > 0 adds its BF16-teacher -> quantised-student term
+(:mod:`biwm.core.selfdistill`), logged as ``finetune/self_distill``.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
 
 from biwm.core.config import InputFile, Strict
 from biwm.core.text import TextConditioning
+
+if TYPE_CHECKING:
+    from biwm.core.selfdistill import SelfDistill
 
 
 class FinetuneConfig(Strict):
@@ -49,12 +54,12 @@ class FinetuneConfig(Strict):
                               "is then the EMA (null: the last weights)")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast the forward and backward "
                                                "(fp32 master weights and optimizer)")
-    compile: bool | Literal["blocks", "world", "graphs"] = Field(False, description=(
+    compile: bool | Literal["blocks", "world", "world-graphs", "graphs"] = Field(False, description=(
         "blocks (or true): torch.compile the transformer's blocks, one graph for every history length (no faster "
-        "for the toy lab's model on an H200); world: inductor over the whole forward, three graphs (no history, "
-        "one frame, longer; not yet measured on a GPU); graphs: the whole forward and backward of each history "
-        "length captured in CUDA graphs without inductor (the toy lab's step 1.74x faster with bf16, "
-        "BENCHMARKS.md)"))
+        "for the toy lab's model on an H200); world: inductor over the whole forward, one static graph per "
+        "history length (the toy lab's step 2.56x faster with bf16, ~45 s of compiling per length on an H200); "
+        "world-graphs: world replayed in CUDA graphs (4.32x); graphs: the whole forward and backward of each "
+        "history length captured in CUDA graphs without inductor (1.74x, quicker to capture; BENCHMARKS.md)"))
     log_every: int = Field(50, ge=1, description="steps between loss read-outs (each waits for the device)")
     checkpoint_every: int = Field(50, ge=1)
     train: Literal["all", "controls"] = Field("all", description="train everything, or only the control injectors")
@@ -99,7 +104,7 @@ def sample_batch(data, cfg: FinetuneConfig, generator: torch.Generator, device: 
     # contiguous: a compiled forward (compile: world) then sees strides that follow from the sizes, and
     # one graph serves every history length
     history, x0 = window[:, :, :h_len].contiguous(), window[:, :, h_len:].contiguous()
-    camera = data.camera.select(idx).frames(slice((start - h_len) * tf, (start + k) * tf)).to(device)
+    camera = data.camera.select(idx).frames(slice((start - h_len) * tf, (start + k) * tf)).to(device).contiguous()
     return x0, history, camera
 
 
@@ -116,9 +121,12 @@ def make_optimizer(world, cfg: FinetuneConfig, fused: bool = False) -> torch.opt
 
 def finetune_loss(world, cfg: FinetuneConfig, x0: torch.Tensor, history: torch.Tensor, camera,
                   text: TextConditioning, null_text: TextConditioning, generator: torch.Generator,
-                  attention: str | None = None, part: tuple[int, int] | None = None) -> torch.Tensor:
+                  attention: str | None = None, part: tuple[int, int] | None = None, *,
+                  self_distill: SelfDistill | None = None) -> torch.Tensor:
     """Flow-matching loss of one batch of windows: the chunk noised to a random level, optional
     noise on the history, text and control dropped per sample (for classifier-free guidance).
+    ``self_distill``: plus that term on the same window and the same predicted velocity (it draws
+    nothing, so the flow-matching part is the same with or without it).
 
     Every random draw comes from ``generator`` on its own device (a CUDA generator keeps the step
     free of host-to-device copies). ``part`` (rank, processes): the batch is that rank's consecutive
@@ -152,7 +160,9 @@ def finetune_loss(world, cfg: FinetuneConfig, x0: torch.Tensor, history: torch.T
         window = noise_history(window, history_sigma, draw(torch.randn, *history.shape[1:]))
     with torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
         velocity = world(window)
-    return torch.nn.functional.mse_loss(velocity.float(), velocity_target(x0, noise).float())
+        distilled = None if self_distill is None else self_distill(world, window, sigma, velocity)
+    loss = torch.nn.functional.mse_loss(velocity.float(), velocity_target(x0, noise).float())
+    return loss if distilled is None else loss + distilled
 
 
 def _blame(cfg: FinetuneConfig) -> str:
@@ -169,6 +179,7 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     from biwm.core.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_weights
     from biwm.core.ema import ModelEMA
     from biwm.core.runner import progress_bar
+    from biwm.core.selfdistill import SelfDistill
     from biwm.core.stages.common import (clips_text, load_world_model, model_card, text_embeddings,
                                         training_batches)
 
@@ -178,10 +189,9 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     from biwm.core import sharded as fsdp
 
     sharded = fsdp.training_sharded(acc, "finetune")  # else one process: none of the FSDP2 code runs
-    if sharded:
-        if cfg.ema or cfg.compile:
-            raise ValueError("stage finetune: ema and compile are not supported under FSDP2 yet; set them off "
-                             "(null / false) or train in one process")
+    if sharded and cfg.compile:
+        raise ValueError("stage finetune: compile is not supported under FSDP2 yet; set it off (false) or train "
+                         "in one process")
     torch.manual_seed(recipe.seed)
     world = load_world_model(ctx, init=cfg.init, strict=cfg.init is None)
     world.to(device)
@@ -192,6 +202,7 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     if not params:
         raise ValueError("stage finetune: nothing to train (train: controls with no controls in the model)")
     optimizer = make_optimizer(world, cfg, fused=device.type == "cuda")
+    self_distill = SelfDistill.from_recipe(recipe)
 
     dataset = ctx.dataset
     tf = world.backbone.temporal_factor
@@ -218,18 +229,26 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     elif cfg.compile:
         from biwm.core.speed import compile_world
 
-        # world: the history length symbolic, three graphs (no history, one frame, longer) compiled on first
-        # use; graphs: CUDA graphs record one per window shape anyway, and static tracing is the quicker
-        compile_world(model, recompile_limit=2 * (cfg.max_history + 2),
-                      **({"backend": "cudagraphs", "dynamic": False} if cfg.compile == "graphs" else {}))
-    ema = ModelEMA(model.trainable_modules(), cfg.ema) if cfg.ema else None
+        # one static graph per history length, compiled on first use: a symbolic history length compiles
+        # three graphs on torch 2.13 (CPU), but on torch 2.11 + CUDA it did not finish compiling in 10 minutes
+        # and automatic dynamic shapes failed with a shape error (BENCHMARKS.md); graphs: CUDA graphs of eager
+        # kernels; self-distillation's full-precision teacher forward compiles graphs of its own
+        options = {"backend": "cudagraphs"} if cfg.compile == "graphs" else (
+            {"mode": "reduce-overhead"} if cfg.compile == "world-graphs" else {})
+        compile_world(model, dynamic=False, recompile_limit=2 * (cfg.max_history + 2) * (1 if self_distill is None else 2),
+                      **options)
+    if sharded:  # averaged shard by shard, with ModelEMA's rule; kept in the sharded checkpoints
+        ema = fsdp.ShardedEMA(model.trainable_modules(), cfg.ema) if cfg.ema else None
+    else:
+        ema = ModelEMA(model.trainable_modules(), cfg.ema) if cfg.ema else None
     saved = {**model.trainable_modules(), **({"ema": ema} if ema is not None else {})}
     generator = torch.Generator().manual_seed(recipe.seed + 1)  # window shapes and clips, on the host
     noise_generator = torch.Generator(device)  # noise and dropout, reseeded per step: resumable, no state
     ckpt_dir = stage_dir / "checkpoints"
     step, meta = 0, {}
     if ctx.resume and (ckpts := list_checkpoints(ckpt_dir)):
-        meta = (fsdp.load_sharded_checkpoint(ckpts[-1], world, optimizer, generator, acc) if sharded else
+        meta = (fsdp.load_sharded_checkpoint(ckpts[-1], world, optimizer, generator, acc,
+                                             tensors=ema.shadow if ema is not None else None) if sharded else
                 load_checkpoint(ckpts[-1], saved, {"model": optimizer}, generator))
         step = meta["step"]
         ctx.console.print(f"resumed finetune from {ckpts[-1].name} (step {step})")
@@ -237,6 +256,8 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
 
     losses: list[float] = list(done_before.get("losses", []))
     pending: list[torch.Tensor] = []  # losses still on the device, read every log_every steps
+    distilled: list[torch.Tensor] = []  # the self-distillation terms in them, likewise
+    distilled_last: float | None = None
     shown = step
     started = time.time() - float(done_before.get("seconds", 0.0))
     world.train()
@@ -253,6 +274,15 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
             raise FloatingPointError(f"finetune loss is {values[bad]} at step {at}; {_blame(cfg)}")
         losses.extend(values)
 
+    def read_distilled() -> dict[str, float]:
+        """The mean self-distillation term since the last read, for the log ({} without the term)."""
+        nonlocal distilled_last
+        if distilled:
+            values = torch.stack(distilled)
+            distilled.clear()
+            distilled_last = float((acc.reduce(values, "mean") if sharded else values).mean())
+        return {} if distilled_last is None else {"finetune/self_distill": distilled_last}
+
     with progress_bar(ctx.console, "finetune", cfg.steps, completed=step) as update:
         while step < cfg.steps:
             for group in optimizer.param_groups:
@@ -261,7 +291,8 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
             batch, rows = draw(generator)
             x0, history, camera = sample_batch(batch, cfg, generator, device, rows)
             text = clips_text(batch, prompt_text, device, rows)
-            loss = finetune_loss(forward, cfg, x0, history, camera, text, null_text, noise_generator, part=part)
+            loss = finetune_loss(forward, cfg, x0, history, camera, text, null_text, noise_generator, part=part,
+                                 self_distill=self_distill)
             acc.backward(loss)
             grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
@@ -270,18 +301,22 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
                 ema.update(model.trainable_modules(), step)
             step += 1
             pending.append(loss.detach())
+            if self_distill is not None:
+                distilled.append(self_distill.take())
             if step % cfg.log_every == 0 or step == cfg.steps:
                 read_losses()
+                distill_log = read_distilled()
                 recent = losses[-cfg.log_every:]
                 update(advance=step - shown, loss=sum(recent) / len(recent), lr=cfg.lr_at(step - 1))
                 if getattr(ctx, "log_with", None):  # the grad norm read costs a sync: only for a tracker, once per log_every steps
                     ctx.log({"finetune/loss": sum(recent) / len(recent), "finetune/lr": cfg.lr_at(step - 1),
-                             "finetune/grad_norm": float(grad_norm)}, step=step)
+                             "finetune/grad_norm": float(grad_norm), **distill_log}, step=step)
                 shown = step
             if step % cfg.checkpoint_every == 0 and step < cfg.steps and sharded:  # every rank writes its shards
                 read_losses()
                 fsdp.save_sharded_checkpoint(ckpt_dir, step, world, optimizer,
-                                             {"losses": losses, "seconds": time.time() - started}, generator, acc)
+                                             {"losses": losses, "seconds": time.time() - started}, generator, acc,
+                                             tensors=ema.shadow if ema is not None else None)
             elif step % cfg.checkpoint_every == 0 and step < cfg.steps and acc.is_main_process:
                 read_losses()
                 save_checkpoint(ckpt_dir, step, saved, {"model": optimizer},
@@ -290,6 +325,9 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     seconds = time.time() - started
 
     if sharded:  # gathered in full on rank 0, which alone writes it
+        if ema is not None:
+            fsdp.reshard(world)
+            ema.copy_to(model.trainable_modules())  # the live weights are not used after this
         weights = fsdp.full_weights(world, model.trainable_modules(), acc)
         if acc.is_main_process:
             save_weights(stage_dir / "model.safetensors", {}, {"stage": "finetune", **model_card(ctx, "finetune")},
@@ -303,5 +341,6 @@ def run(ctx, cfg: FinetuneConfig, stage_dir: Path) -> dict:
     tail = losses[-max(1, len(losses) // 10):]
     return {"finetune_steps": step, "finetune_loss_first": sum(head) / len(head) if head else None,
             "finetune_loss_last": sum(tail) / len(tail) if tail else None,
+            **({"finetune_self_distill_last": distilled_last} if distilled_last is not None else {}),
             "finetune_seconds": round(seconds, 1),
             "finetune_steps_per_second": round(len(losses) / seconds, 2) if seconds > 0 else None}
