@@ -15,16 +15,16 @@ Variants (each adds to the one before):
 - ``compile``: ``resident`` (fp32) with the transformer blocks compiled (``compile: true`` in the
   stage: regional ``torch.compile``, the token count symbolic so every history length shares a graph).
 - ``compile-bf16``: ``compile`` with bf16 autocast.
-- ``world-bf16``: bf16 autocast with the world model's whole forward compiled (``compile: world``
-  in the stage): embeddings, controls, blocks and un-embedding fused by inductor, the history length
+- ``world-bf16``: bf16 autocast with the world model's whole forward compiled (``compile_world`` with
+  ``dynamic=True``): embeddings, controls, blocks and un-embedding fused by inductor, the history length
   symbolic (three graphs: no history, one frame, longer), all compiled before timing (their time is
-  the warm-up column).
+  the warm-up column). On the H200's torch 2.11 this did not finish compiling in 10 minutes.
 - ``world-bf16-graphs``: ``world-bf16`` with CUDA graphs (``mode="reduce-overhead"``): the forward
   and backward of each history length replay as one graph, no per-kernel launch cost.
 - ``world-bf16-auto`` / ``-auto-graphs``: ``world-bf16`` with torch's automatic dynamic shapes
   (``dynamic=None``): only the sizes that change between windows (the history length) become symbolic.
 - ``world-bf16-static`` / ``-static-graphs``: one static graph per history length (9), no symbolic
-  shapes; the ``-graphs`` variant reuses inductor's cache of the first.
+  shapes: the stage's ``compile: world`` and ``compile: world-graphs`` (CUDA graphs over it).
 - ``world-bf16-cg``: the whole forward captured in CUDA graphs without inductor (``compile: graphs``:
   the ``cudagraphs`` backend, static shapes, one graph per history length; eager kernels, no per-kernel
   launch cost).

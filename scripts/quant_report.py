@@ -17,7 +17,8 @@ ARMS = {"bf16": "bf16/metrics.json", "nvfp4_ptq": "nvfp4_ptq/metrics.json",
 # read when present (docs/results/quant.md has their commands): the QAT recipe without quantisation (what the same
 # DMD continuation does to the unquantised student) and the QAT recipe at a tenth of the learning rate
 EXTRA = {"bf16_same_dmd": "bf16_dmd60/evaluate/metrics.json", "nvfp4_qat_lr1e-5": "nvfp4_qat_lr1e-5/evaluate/metrics.json",
-         "bf16_same_dmd_lr1e-5": "bf16_dmd60_lr1e-5/evaluate/metrics.json"}
+         "bf16_same_dmd_lr1e-5": "bf16_dmd60_lr1e-5/evaluate/metrics.json",
+         "nvfp4_qat_lr1e-5_self_distill": "nvfp4_qat_lr1e-5_sd/evaluate/metrics.json"}
 STUDENT = Path(__file__).resolve().parents[1] / "examples" / "weights" / "toyworld-student"
 
 
