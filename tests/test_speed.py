@@ -400,21 +400,21 @@ def test_training_compiled_blocks_share_one_graph_across_history_lengths_and_mat
     torch._dynamo.reset()
 
 
-def test_training_compiled_world_compiles_one_static_graph_per_history_length_and_matches_eager():
-    """compile: world / world-graphs / graphs in finetune compile the whole forward with one static graph
-    per history length (no recompile when a length comes back), and the loss and gradients (of the blocks
-    and of the controls, which sit outside the blocks) are those of the eager model."""
+def compiled_world_graphs(lengths: tuple[int, ...], **compile_options) -> list[int]:
+    """The tiny world's training step compiled whole (``compile_world(**compile_options)``, aot_eager) at
+    each history length of ``lengths`` in turn: asserts the loss and the gradients (of the blocks and of the
+    controls, which sit outside the blocks) equal the eager model's and that the state dict keeps its names;
+    returns the number of graphs compiled after each length."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     from biwm.core.speed import compile_world
 
     world, loss_and_grads = training_step_probe()
-    lengths = (0, 2, 1, 2, 0)
     eager = [loss_and_grads(h) for h in lengths]
     torch._dynamo.reset()
     counters.clear()
-    compile_world(world, dynamic=False, backend="aot_eager")  # as the stage calls it
+    compile_world(world, backend="aot_eager", **compile_options)
     graphs = []
     for h, expected in zip(lengths, eager):
         got = loss_and_grads(h)
@@ -422,9 +422,17 @@ def test_training_compiled_world_compiles_one_static_graph_per_history_length_an
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
         assert got[1].abs().sum() > 0 and got[2].abs().sum() > 0
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs == [1, 2, 3, 3, 3], f"graphs after each history length {graphs}"
     torch._dynamo.reset()
+    # compiled in place: the state dict's names (what checkpoints hold) are those of the plain model
     assert not any("_orig_mod" in name for name in world.state_dict())
+    return graphs
+
+
+def test_training_compiled_world_compiles_one_static_graph_per_history_length_and_matches_eager():
+    """compile: world / world-graphs / graphs in finetune compile the whole forward with one static graph
+    per history length (no recompile when a length comes back), as eager."""
+    graphs = compiled_world_graphs((0, 2, 1, 2, 0), dynamic=False)  # as the stage calls it
+    assert graphs == [1, 2, 3, 3, 3], f"graphs after each history length {graphs}"
 
 
 @pytest.mark.slow
@@ -433,29 +441,9 @@ def test_training_compiled_world_compiles_one_static_graph_per_history_length_an
 def test_training_compiled_world_has_one_graph_per_history_length_and_matches_eager():
     """compile_world(dynamic=True) (not what the stage uses since 2026-12-04; kept for newer torch versions)
     compiles the whole forward with the history length symbolic: three graphs (no history, one frame,
-    every longer history), and the loss and gradients are those of the eager model."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    from biwm.core.speed import compile_world
-
-    world, loss_and_grads = training_step_probe()
-    lengths = (0, 2, 3, 2, 0, 1, 5)
-    eager = [loss_and_grads(h) for h in lengths]
-    torch._dynamo.reset()
-    counters.clear()
-    compile_world(world, backend="aot_eager")
-    graphs = []
-    for h, expected in zip(lengths, eager):
-        got = loss_and_grads(h)
-        for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
-        assert got[1].abs().sum() > 0 and got[2].abs().sum() > 0
-        graphs.append(counters["stats"]["unique_graphs"])
+    every longer history), as eager."""
+    graphs = compiled_world_graphs((0, 2, 3, 2, 0, 1, 5), dynamic=True)
     assert graphs == [1, 2, 2, 2, 2, 3, 3], f"graphs after each history length {graphs}"
-    torch._dynamo.reset()
-    # compiled in place: the state dict's names (what checkpoints hold) are those of the plain model
-    assert not any("_orig_mod" in name for name in world.state_dict())
 
 
 @pytest.mark.parametrize("value, called", [(True, "compile_blocks"), ("blocks", "compile_blocks"),
