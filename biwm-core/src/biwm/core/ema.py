@@ -13,6 +13,11 @@ import torch
 from torch import nn
 
 
+def ema_decay(decay: float, step: int) -> float:
+    """The decay of the update after step ``step`` (0-based): ``min(decay, (1 + step) / (10 + step))``."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 class ModelEMA(nn.Module):
     """A frozen copy of ``modules`` (name -> module) that follows their parameters:
     ``ema = decay' * ema + (1 - decay') * live`` with ``decay' = min(decay, (1 + step) / (10 + step))``,
@@ -31,7 +36,7 @@ class ModelEMA(nn.Module):
 
     @torch.no_grad()
     def update(self, modules: dict[str, nn.Module], step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
+        decay = ema_decay(self.decay, step)
         live = nn.ModuleDict(modules)
         ema_params, live_params = [], []
         for (name, ema), (other, param) in zip(self.shadow.named_parameters(), live.named_parameters()):

@@ -286,7 +286,9 @@ class ShardedEMA:
     def update(self, modules: dict[str, nn.Module], step: int) -> None:
         """After finetune step ``step`` (0-based): :class:`biwm.core.ema.ModelEMA`'s rule, ``decay' =
         min(decay, (1 + step) / (10 + step))``, which depends on the step alone (nothing to resume)."""
-        decay = min(self.decay, (1 + step) / (10 + step))
+        from biwm.core.ema import ema_decay
+
+        decay = ema_decay(self.decay, step)
         # one fused lerp over the local shards: a DTensor op per parameter costs a dispatch each
         torch._foreach_lerp_([_local(s) for s in self.shadow.values()],
                              [_local(p) for p in self._current(modules)], 1 - decay)
