@@ -31,13 +31,15 @@ Variants (each adds to the one before):
 
 The same seeded window shapes (history length 0-8, chunk of 4) are used by every variant. Reported:
 median seconds per step over ``--steps`` timed steps (in blocks of 25) after ``--warmup`` steps, and
-the speed-up over ``before``.
+the speed-up over ``before`` (over the median of its rows where ``--variants`` lists it more than once:
+the host-bound ``before`` loop varies more between runs than the compiled ones).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -169,6 +171,7 @@ def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
             kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
             profiled = {"kernels_per_step": len(kernels) / args.profile,
                         "kernel_ms_per_step": sum(e.self_device_time_total for e in kernels) / args.profile / 1e3}
+            write_kernel_sources(prof, args.out.parent / f"{args.out.name}.{preset}.{variant}.kernels.txt")
         path = args.out.parent / f"{args.out.name}.{preset}.{variant}.profile.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"{preset} {variant}, batch {args.batch}, {args.profile} steps: {profiled}\n{table}\n")
@@ -179,6 +182,23 @@ def time_variant(variant: str, preset: str, device: torch.device, args) -> dict:
             "steps_per_second": 1 / median(block_times), "timed_steps": args.steps,
             "warmup_seconds": round(warmup_seconds, 1),
             "parameters_m": round(sum(p.numel() for p in params) / 1e6, 2)}
+
+
+def write_kernel_sources(prof, path: Path, top: int = 6) -> None:
+    """The generated source of the ``top`` inductor kernels by GPU time in ``prof`` (found by name in
+    inductor's cache folder), so a slow kernel's tiling and sizes can be read after the machine is gone."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    slow = sorted((e for e in prof.key_averages() if e.key.startswith("triton_")),
+                  key=lambda e: e.self_device_time_total, reverse=True)[:top]
+    sources = list(Path(cache_dir()).rglob("*.py"))
+    parts = []
+    for event in slow:
+        marker = f"def {event.key}("
+        found = next((f for f in sources if marker in f.read_text(errors="replace")), None)
+        text = found.read_text(errors="replace") if found else "(source not found in the inductor cache)"
+        parts.append(f"# {event.key}: {event.count} calls, {event.self_device_time_total / 1e3:.2f} ms in all\n{text}")
+    path.write_text("\n\n".join(parts))
 
 
 def main() -> None:
@@ -199,6 +219,10 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="after timing, profile N more steps of each variant: OUT.PRESET.VARIANT.profile.txt "
                              "(torch.profiler table) and kernels / kernel ms per step in the JSON")
+    parser.add_argument("--compile-cache", type=Path, metavar="FILE",
+                        help="torch's portable compile cache (torch.compiler.save_cache_artifacts, zlib-compressed): loaded from FILE "
+                             "before the first variant if it exists, written to FILE at the end, so a later run on a "
+                             "fresh machine skips most of inductor's compile time (the warm-up column then shows it)")
     parser.add_argument("--out", type=Path, required=True, help="output prefix: writes OUT.json and OUT.md")
     args = parser.parse_args()
     presets = parse_list(parser, "--presets", args.presets, ["tiny", "toy"])
@@ -207,29 +231,45 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    rows, results = [], []
+    if args.compile_cache and args.compile_cache.is_file():
+        info = torch.compiler.load_cache_artifacts(zlib.decompress(args.compile_cache.read_bytes()))
+        print(f"compile cache loaded from {args.compile_cache}: {info}", flush=True)
+    results = []
     args.out.parent.mkdir(parents=True, exist_ok=True)  # the JSON is written after every variant: a cut-off run keeps its rows
+
+    def save() -> None:
+        for preset in presets:  # against the median of the preset's `before` rows (a variant may be listed twice)
+            befores = [r["seconds_per_step"] for r in results if r["preset"] == preset and r["variant"] == "before"
+                       and "error" not in r]
+            for r in results:
+                if r["preset"] == preset and "error" not in r:
+                    r["speedup_over_before"] = median(befores) / r["seconds_per_step"] if befores else None
+        write_json(args.out.with_suffix(".json"), {"batch": args.batch, "environment": environment(device),
+                                                   "results": results})
+
     for preset in presets:
-        base = None
         for variant in variants:
             try:
                 r = time_variant(variant, preset, device, args)
             except Exception as exc:  # a variant that fails (e.g. does not compile) is a row, not the end of the run
                 print(f"{preset} {variant}: failed: {type(exc).__name__}: {str(exc)[:500]}", flush=True)
                 results.append({"variant": variant, "preset": preset, "error": f"{type(exc).__name__}: {exc}"[:2000]})
-                rows.append([preset, variant, "failed", "-", "-", "-"])
-                write_json(args.out.with_suffix(".json"), {"batch": args.batch, "environment": environment(device),
-                                                           "results": results})
+                save()
                 continue
-            base = r["seconds_per_step"] if variant == "before" else base
-            r["speedup_over_before"] = base / r["seconds_per_step"] if base else None
             results.append(r)
-            rows.append([preset, variant, f"{r['seconds_per_step'] * 1e3:.1f}", f"{r['steps_per_second']:.1f}",
-                         f"{r['speedup_over_before']:.2f}x" if r["speedup_over_before"] else "-",
-                         f"{r['warmup_seconds']:.0f}"])
             print(f"{preset} {variant}: {r['seconds_per_step'] * 1e3:.1f} ms/step", flush=True)
-            write_json(args.out.with_suffix(".json"), {"batch": args.batch, "environment": environment(device),
-                                                       "results": results})
+            save()
+    if args.compile_cache:
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is not None:
+            tmp = args.compile_cache.with_name(args.compile_cache.name + ".tmp")
+            tmp.write_bytes(zlib.compress(saved[0], 6))  # about 10x smaller
+            tmp.replace(args.compile_cache)
+            print(f"compile cache written to {args.compile_cache} ({args.compile_cache.stat().st_size / 2**20:.1f} MiB, zlib)", flush=True)
+    rows = [[r["preset"], r["variant"], "failed", "-", "-", "-"] if "error" in r else
+            [r["preset"], r["variant"], f"{r['seconds_per_step'] * 1e3:.1f}", f"{r['steps_per_second']:.1f}",
+             f"{r['speedup_over_before']:.2f}x" if r["speedup_over_before"] else "-", f"{r['warmup_seconds']:.0f}"]
+            for r in results]
     table = markdown_table(["preset", "variant", "ms per step (median)", "steps/s", "vs before",
                             "warm-up s (incl. compile)"], rows)
     print(table)

@@ -46,9 +46,43 @@ def random_window(world, chunk_frames: int, history_frames: int, t: float, **fie
 
 
 def stock_forward(bb, x, t, text):
-    """diffusers' own forward, given the embeddings as Wan's pipeline gives them (zero past each prompt)."""
+    """diffusers' own forward, with diffusers' own attention processors (the adapter installs its own in
+    the self-attentions), given the embeddings as Wan's pipeline gives them (zero past each prompt)."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
     enc = text[bb.TEXT_ENCODER]
-    return bb.transformer(x, t, enc.embeds * enc.mask[..., None]).sample
+    ours = [block.attn1.processor for block in bb.transformer.blocks]
+    for block in bb.transformer.blocks:
+        block.attn1.processor = WanAttnProcessor()
+    try:
+        return bb.transformer(x, t, enc.embeds * enc.mask[..., None]).sample
+    finally:
+        for block, processor in zip(bb.transformer.blocks, ours):
+            block.attn1.processor = processor
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_self_attention_processor_equals_diffusers_bitwise(dtype):
+    """The adapter's self-attention (rotary as one stack of rotated pairs) computes what diffusers'
+    WanAttnProcessor computes, bit for bit, with and without a mask; gradients too."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    bb = tiny_backbone()
+    attn = bb.transformer.blocks[0].attn1.to(dtype)
+    ours = attn.processor
+    assert ours.__class__.__name__ == "MaskableWanAttnProcessor"
+    x = torch.randn(2, 48, attn.inner_dim, dtype=dtype)
+    rot = bb.rotary(grid_positions(3, 4, 4))
+    mask = torch.rand(48, 48) > 0.3
+    mask |= torch.eye(48, dtype=torch.bool)
+    for m in (None, mask):
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        got = ours(attn, x1, None, m, rot)
+        ref = WanAttnProcessor()(attn, x2, None, m, rot)
+        assert torch.equal(got, ref)
+        got.float().square().sum().backward()
+        ref.float().square().sum().backward()
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_adapter_equals_stock_diffusers_forward():

@@ -85,8 +85,22 @@ class WanOptions(BackboneOptions):
         return codec["vae"]["scale_factor_temporal"], codec["vae"]["scale_factor_spatial"] * max(patch[1:])
 
 
+def rotate_pairs(x: Tensor, freqs_cos: Tensor, freqs_sin: Tensor) -> Tensor:
+    """Wan's rotary embedding of ``x`` [B, L, heads, head_dim] (rotating interleaved pairs), as diffusers'
+    WanAttnProcessor computes it (the same operations, so the same values), but written as one stack of
+    the rotated pairs instead of two strided writes into an empty tensor: inductor fuses the strided writes
+    into a masked, modulo-indexed reduction kernel that ran at ~2% of memory bandwidth on the H200
+    (0.66 ms for 28672 x 256 values), the largest kernel of a toy-lab training step."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+
 class MaskableWanAttnProcessor(MaskableProcessor):
-    """diffusers' WanAttnProcessor, plus an attention mask set per window (the blocks pass none)."""
+    """diffusers' WanAttnProcessor for self-attention, plus an attention mask set per window (the blocks
+    pass none). With rotary embeddings (self-attention) it re-composes the processor from diffusers' own
+    projections, norms and attention dispatcher, applying the rotary with :func:`rotate_pairs`; anything
+    else (image-context cross-attention) goes to diffusers' processor unchanged."""
 
     def __init__(self) -> None:
         from diffusers.models.transformers.transformer_wan import WanAttnProcessor
@@ -94,8 +108,21 @@ class MaskableWanAttnProcessor(MaskableProcessor):
         super().__init__(WanAttnProcessor())
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
         mask = self.mask if attention_mask is None else attention_mask
-        return self.inner(attn, hidden_states, encoder_hidden_states, mask, rotary_emb)
+        if rotary_emb is None or attn.add_k_proj is not None:
+            return self.inner(attn, hidden_states, encoder_hidden_states, mask, rotary_emb)
+        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query = rotate_pairs(attn.norm_q(query).unflatten(2, (attn.heads, -1)), *rotary_emb)
+        key = rotate_pairs(attn.norm_k(key).unflatten(2, (attn.heads, -1)), *rotary_emb)
+        value = value.unflatten(2, (attn.heads, -1))
+        out = dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
+                                    backend=self._attention_backend,
+                                    parallel_config=self._parallel_config if encoder_hidden_states is None else None)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
 
 
 class WanVAECodec(nn.Module):
