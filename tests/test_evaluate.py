@@ -198,3 +198,39 @@ def test_biwm_eval_finds_the_run_of_any_target(tmp_path):
     step = run / "finetune" / "checkpoints" / "step_00000002"
     assert _find_run(step) == (run, step / "model.safetensors")
     assert _find_run(step / "model.safetensors") == (run, step / "model.safetensors")
+
+
+def test_compare_merges_an_arms_seeds(tmp_path):
+    """NAME=A,B: the arm's numbers and per-chunk curves are the seeds' mean, with half the range as the
+    spread, each seed's value, the seed count and the chunk-1 margin over copy-last-frame; bad names fail."""
+    def evaluation(folder: str, psnr: list[float], idm: float):
+        (tmp_path / folder).mkdir()
+        m = {"chunks": 2, "psnr": sum(psnr) / 2, "psnr_per_chunk": psnr, "psnr_chunk1": psnr[0],
+             "psnr_chunk2": psnr[1], "psnr_drop_1_to_2": psnr[0] - psnr[1], "idm_accuracy": idm,
+             "copy_last_frame_psnr_per_chunk": [20.0, 18.0], "sharpness": 1.0, "idm_accuracy_true_clips": 0.95}
+        (tmp_path / folder / "metrics.json").write_text(json.dumps(m))
+        return tmp_path / folder
+
+    a0, a1 = evaluation("a0", [24.0, 20.0], 0.8), evaluation("a1", [22.0, 19.0], 0.6)
+    b = evaluation("b", [21.0, 17.0], 0.5)
+    env = subprocess_env(COLUMNS="200")
+    proc = subprocess.run(biwm_cmd() + ["compare", f"a={a0},{a1}", f"b={b}", "--out", str(tmp_path / "c")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads((tmp_path / "c.json").read_text())
+    a = doc["a"]
+    assert a["seeds"] == 2 and a["psnr_chunk1"] == 23.0 and a["psnr_chunk1_spread"] == 1.0
+    assert a["psnr_per_chunk"] == [23.0, 19.5] and a["per_seed"]["idm_accuracy"] == [0.8, 0.6]
+    assert abs(a["idm_accuracy"] - 0.7) < 1e-12 and abs(a["idm_accuracy_spread"] - 0.1) < 1e-12
+    assert a["per_seed"]["chunk1_margin_db"] == [4.0, 2.0] and a["chunk1_margin_db"] == 3.0
+    assert doc["b"]["seeds"] == 1 and doc["b"]["chunk1_margin_db"] == 1.0 and "per_seed" not in doc["b"]
+    assert doc["b"]["psnr_drop_1_to_2"] == 4.0 and "psnr_drop_1_to_2_spread" not in doc["b"]
+    assert doc["copy_last_frame_psnr_per_chunk"] == [20.0, 18.0] and doc["idm_accuracy_true_clips"] == 0.95
+    table = (tmp_path / "c.md").read_text()
+    assert "| `psnr_chunk1` | 23.000 ± 1.000 | 21.000 |" in table and "half the range" in table
+    proc = subprocess.run(biwm_cmd() + ["compare", f"a={a0}", f"a={a1}", "--out", str(tmp_path / "d")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "given twice" in proc.stderr and not list(tmp_path.glob("d*"))
+    proc = subprocess.run(biwm_cmd() + ["compare", f"a={a0},{tmp_path / 'nope'}", "--out", str(tmp_path / "d")],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "nope not found" in proc.stderr

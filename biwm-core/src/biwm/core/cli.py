@@ -200,27 +200,32 @@ def eval_(target: Path = typer.Argument(..., help="run folder, stage folder, che
 
 
 @app.command()
-def compare(runs: list[str] = typer.Argument(..., help="NAME=FOLDER pairs; FOLDER holds an evaluation's metrics.json"),
+def compare(runs: list[str] = typer.Argument(..., help="NAME=FOLDER pairs; FOLDER holds an evaluation's metrics.json; "
+                                             "NAME=FOLDER,FOLDER,... for an arm's seeds (mean ± half the range)"),
             out: Path = typer.Option(..., "--out", help="output prefix: writes OUT.json, OUT.md, OUT_drift.png, OUT_idm.png"),
             title: str = typer.Option("Comparison", help="heading of OUT.md"),
             notes: Path = typer.Option(None, help="markdown file appended to OUT.md (setup, budget, hardware)"),
             setup: Path = typer.Option(None, help="YAML/JSON mapping stored as 'setup' in OUT.json")) -> None:
-    """Put several evaluations side by side."""
+    """Put several evaluations side by side (an arm's seeds as one column: mean ± half the range)."""
     from biwm.core.report import compare_runs
 
-    loaded = {}
+    loaded: dict[str, list[dict]] = {}
     for item in runs:
-        name, sep, folder = item.partition("=")
-        if not sep or not name or not folder:
-            fail(f"{item!r}: expected NAME=FOLDER")
-        path = Path(folder) / "metrics.json" if Path(folder).is_dir() else Path(folder)
-        if not path.is_file():
-            fail(f"{name}: {path} not found; expected the folder of a biwm eval (or evaluate stage)")
-        metrics = json.loads(path.read_text())
-        metrics = metrics.get("stages", {}).get("evaluate", metrics)  # a run's merged metrics.json works too
-        if "psnr" not in metrics:
-            fail(f"{name}: {path} holds no evaluation metrics (no psnr)")
-        loaded[name] = metrics
+        name, sep, folders = item.partition("=")
+        if not sep or not name or not folders:
+            fail(f"{item!r}: expected NAME=FOLDER or NAME=FOLDER,FOLDER,... (one evaluation per seed)")
+        if name in loaded:
+            fail(f"{name}: given twice; list an arm's seeds as NAME=FOLDER,FOLDER")
+        loaded[name] = []
+        for folder in folders.split(","):
+            path = Path(folder) / "metrics.json" if Path(folder).is_dir() else Path(folder)
+            if not path.is_file():
+                fail(f"{name}: {path} not found; expected the folder of a biwm eval (or evaluate stage)")
+            metrics = json.loads(path.read_text())
+            metrics = metrics.get("stages", {}).get("evaluate", metrics)  # a run's merged metrics.json works too
+            if "psnr" not in metrics:
+                fail(f"{name}: {path} holds no evaluation metrics (no psnr)")
+            loaded[name].append(metrics)
     for option, path in (("--notes", notes), ("--setup", setup)):
         if path is not None and not path.is_file():
             fail(f"{option}: {path} not found")

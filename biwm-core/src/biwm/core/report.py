@@ -193,23 +193,76 @@ def write_report(folder: Path, metrics: dict[str, Any], title: str, strip: list[
 
 
 # Keys every comparison reports per run, when present.
-COMPARE_KEYS = ["idm_accuracy", "idm_translation_accuracy", "idm_rotation_accuracy", "idm_accuracy_shuffled",
-                "psnr", "ssim", "psnr_chunk1", "psnr_last", "psnr_drop", "ssim_chunk1", "dynamics", "diversity",
-                "dynamics_generated", "dynamics_generated_frozen", "rotation_error_deg", "translation_error", "nfe_per_chunk"]
+COMPARE_KEYS = ["idm_accuracy", "idm_accuracy_last5", "idm_translation_accuracy", "idm_rotation_accuracy",
+                "idm_accuracy_shuffled", "psnr", "ssim", "psnr_chunk1", "psnr_last", "psnr_drop", "ssim_chunk1",
+                "sharpness", "dynamics", "diversity", "dynamics_generated", "dynamics_generated_frozen",
+                "rotation_error_deg", "translation_error", "nfe_per_chunk", "chunk1_margin_db"]
 
 
-def compare_runs(runs: dict[str, dict[str, Any]], out: Path, title: str, notes: str = "",
+def chunk1_margin_db(metrics: dict[str, Any]) -> float | None:
+    """Chunk-1 PSNR over copy-last-frame's (dB): above 2, the model is a working world model, not noise."""
+    psnr, copy = metrics.get("psnr_per_chunk"), metrics.get("copy_last_frame_psnr_per_chunk")
+    return psnr[0] - copy[0] if psnr and copy else None
+
+
+def _mean(values: list[Any]) -> Any:
+    return values[0] if len(values) == 1 else sum(values) / len(values)
+
+
+def merge_seeds(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One arm's evaluations (one per training seed) as one metrics dict: each number and per-chunk curve
+    averaged over the seeds, ``seeds`` their count, and for several seeds ``KEY_spread`` (half the range
+    over the seeds, the ``±`` of the tables) and ``per_seed`` (each seed's value). The rest (per-action
+    accuracies, the true clips' scores) is the first seed's."""
+    if not seeds:
+        raise ValueError("merge_seeds: no evaluations given")
+    seeds = [{"chunk1_margin_db": chunk1_margin_db(m), **m} for m in seeds]
+    merged = dict(seeds[0])
+    per_seed: dict[str, list[Any]] = {}
+    for key in {_key(m, k) for m in seeds for k in COMPARE_KEYS}:
+        values = [m.get(key) for m in seeds]
+        if any(v is None or isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            continue
+        merged[key] = _mean(values)
+        if len(seeds) > 1:
+            per_seed[key] = values
+            merged[f"{key}_spread"] = (max(values) - min(values)) / 2
+    for key in ("psnr_per_chunk", "ssim_per_chunk", "idm_accuracy_per_chunk"):
+        curves = [m.get(key) for m in seeds]
+        if all(curves) and len({len(c) for c in curves}) == 1:
+            merged[key] = [_mean(list(values)) for values in zip(*curves)]
+    merged["seeds"] = len(seeds)
+    if len(seeds) > 1:
+        merged["per_seed"] = per_seed
+    return merged
+
+
+def _cell(entry: dict[str, Any], key: str) -> str:
+    text = _fmt(entry.get(key), ".3f")
+    spread = entry.get(f"{key}_spread")
+    return text if spread is None else f"{text} ± {spread:.3f}"
+
+
+def compare_runs(runs: dict[str, dict[str, Any] | list[dict[str, Any]]], out: Path, title: str, notes: str = "",
                  setup: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write OUT.json (the headline numbers per run), OUT.md (a table, the plots and ``notes``),
-    OUT_drift.png and OUT_idm.png. Returns the JSON document."""
+    OUT_drift.png and OUT_idm.png. A run given as a list of evaluations (one per seed) is reported as
+    their mean, with ``KEY_spread`` (half the range), ``per_seed`` and ``seeds`` (``merge_seeds``).
+    Returns the JSON document."""
     out = Path(out)
+    runs = {name: merge_seeds(m if isinstance(m, list) else [m]) for name, m in runs.items()}
     doc: dict[str, Any] = {}
     for name, m in runs.items():
-        entry = {_key(m, key): m[_key(m, key)] for key in COMPARE_KEYS if m.get(_key(m, key)) is not None}
+        keys = [_key(m, key) for key in COMPARE_KEYS if m.get(_key(m, key)) is not None]
+        entry = {key: m[key] for key in keys}
+        entry.update({f"{key}_spread": m[f"{key}_spread"] for key in keys if f"{key}_spread" in m})
+        entry["seeds"] = m["seeds"]
+        if "per_seed" in m:
+            entry["per_seed"] = m["per_seed"]
         entry["psnr_per_chunk"] = m.get("psnr_per_chunk")
         doc[name] = entry
     first = next(iter(runs.values()))
-    for key in ("idm_accuracy_true_clips", "idm_chance"):
+    for key in ("idm_accuracy_true_clips", "idm_chance", "copy_last_frame_psnr_per_chunk"):
         if key in first:
             doc[key] = first[key]
     if setup:
@@ -217,14 +270,16 @@ def compare_runs(runs: dict[str, dict[str, Any]], out: Path, title: str, notes: 
     atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=2, default=str))  # YAML dates
     plot_drift(runs, out.with_name(out.name + "_drift.png"))
     plot_idm_per_action(runs, out.with_name(out.name + "_idm.png"))
-    keys = [k for k in doc[next(iter(runs))] if k != "psnr_per_chunk"]
+    keys = [k for k in doc[next(iter(runs))] if k not in ("psnr_per_chunk", "per_seed") and not k.endswith("_spread")]
     lines = [f"# {title}", "", "| metric | " + " | ".join(runs) + " |", "| --- |" + " --- |" * len(runs)]
     for key in keys:
-        lines.append(f"| `{key}` | " + " | ".join(_fmt(doc[n].get(key), ".3f") for n in runs) + " |")
+        lines.append(f"| `{key}` | " + " | ".join(_cell(doc[n], key) for n in runs) + " |")
     for key in ("idm_accuracy_true_clips", "idm_chance"):
         if key in doc:
             lines.append(f"| `{key}` (same held-out clips for all) | " + " | ".join(
                 [_fmt(doc[key], ".3f")] * len(runs)) + " |")
+    if any(doc[n]["seeds"] > 1 for n in runs):
+        lines += ["", "Several seeds: mean ± half the range over the seeds (`per_seed` in the JSON)."]
     lines += ["", f"![drift]({out.name}_drift.png)", "", f"![IDM per action]({out.name}_idm.png)", ""]
     if notes:
         lines += [notes.strip(), ""]
