@@ -117,7 +117,7 @@ def test_cli_missing_recipe_file(tmp_path):
 
 
 # Recipes that start from another recipe's output: validated with that input pointed at a file that exists.
-NEEDS_RUN = {"distill_ablation.yaml": "stages[0].init", "toy_lab_continue.yaml": "stages[0].init",
+NEEDS_RUN = {"toy_lab_continue.yaml": "stages[0].init",
              "toy_lab_phase3.yaml": "stages[0].init", "toy_lab_grow.yaml": "stages[0].init",
              "toy_lab_phase4.yaml": "stages[0].init"}
 
