@@ -19,12 +19,21 @@ ARMS = {"bf16": "bf16/metrics.json", "nvfp4_ptq": "nvfp4_ptq/metrics.json",
 EXTRA = {"bf16_same_dmd": "bf16_dmd60/evaluate/metrics.json", "nvfp4_qat_lr1e-5": "nvfp4_qat_lr1e-5/evaluate/metrics.json",
          "bf16_same_dmd_lr1e-5": "bf16_dmd60_lr1e-5/evaluate/metrics.json",
          "nvfp4_qat_lr1e-5_self_distill": "nvfp4_qat_lr1e-5_sd/evaluate/metrics.json"}
+# post-training NVFP4 on more of the transformer than its blocks (model.quantize.options.modules), read when present:
+# what each more module costs in quality and saves in bytes
+MODULE_SETS = {"nvfp4_ptq_blocks_time_proj": ("nvfp4_ptq_blocks_time_proj/metrics.json",
+                                              {"modules": ["blocks.", "condition_embedder.time_proj"]}),
+               "nvfp4_ptq_blocks_condition_embedder": ("nvfp4_ptq_blocks_condition_embedder/metrics.json",
+                                                       {"modules": ["blocks.", "condition_embedder."]}),
+               "nvfp4_ptq_all_linears": ("nvfp4_ptq_all_linears/metrics.json", {"modules": ""})}
 STUDENT = Path(__file__).resolve().parents[1] / "examples" / "weights" / "toyworld-student"
 
 
-def weight_bytes() -> dict[str, int]:
+def weight_bytes(options: dict | None = None) -> dict[str, int]:
     """The student's generator (transformer, controls, compressor; not the pixel codec, which has no weights
-    to store) in bf16, and with its block linears packed to NVFP4."""
+    to store) in bf16, and packed to NVFP4 as inference converts it (``apply_speedups``: the quantizer
+    converts the backbone's transformer, by default the linears of its blocks; ``options`` as in
+    ``model.quantize.options``)."""
     from biwm.core.loading import load_model
     from biwm.core.plugins import get_plugin_manager
     from biwm.quant import weight_bytes as stored
@@ -33,7 +42,8 @@ def weight_bytes() -> dict[str, int]:
     world = world.to(torch.bfloat16)
     trained = torch.nn.ModuleDict(world.trainable_modules())
     out = {"bf16": stored(trained)}
-    get_plugin_manager().get("quantizer", "nvfp4").create({}).convert(world, training=False)
+    get_plugin_manager().get("quantizer", "nvfp4").create(options or {}).convert(world.backbone.trainable(),
+                                                                                training=False)
     out["nvfp4"] = stored(trained)
     return out
 
@@ -53,15 +63,22 @@ def main() -> None:
     arms = {**ARMS, **{name: rel for name, rel in EXTRA.items() if (runs / rel).is_file()}}
     result = {name: arm(runs / rel, nbytes["nvfp4" if name.startswith("nvfp4") else "bf16"])
               for name, rel in arms.items()}
-    result["weight_bytes_ratio"] = nbytes["bf16"] / nbytes["nvfp4"]
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    for name, (rel, options) in MODULE_SETS.items():
+        if (runs / rel).is_file():
+            result[name] = arm(runs / rel, weight_bytes(options)["nvfp4"])
+    for r in result.values():
+        r["weight_bytes_ratio"] = nbytes["bf16"] / r["weight_bytes"]
+    result["weight_bytes_ratio"] = nbytes["bf16"] / nbytes["nvfp4"]  # the evaluated NVFP4 arms' (the blocks')
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out.with_suffix(".json"))
     print("| arm | chunk-1 PSNR dB | over copy-last-frame dB | PSNR per chunk dB | IDM | sharpness | weight bytes |\n"
           "|---|---|---|---|---|---|---|")
     for name, r in result.items():
         if isinstance(r, dict):
             chunks = ", ".join(f"{v:.2f}" for v in r["psnr_per_chunk"])
             print(f"| {name} | {r['psnr']:.2f} | +{r['chunk1_margin_db']:.2f} | {chunks} | {100 * r['idm_accuracy']:.1f}% | {r['sharpness']:.2f} | "
-                  f"{r['weight_bytes']:,} |")
+                  f"{r['weight_bytes']:,} (÷{r['weight_bytes_ratio']:.2f}) |")
     print(f"copy-last-frame per chunk: {', '.join(f'{v:.2f}' for v in result['bf16']['copy_last_frame_psnr_per_chunk'])}; "
           f"bf16 / nvfp4 weight bytes: {result['weight_bytes_ratio']:.2f}")
 

@@ -86,6 +86,27 @@ def test_qat_gradients_reach_the_weights_through_the_straight_through_estimator(
     assert type(converted.proj_out) is torch.nn.Linear
 
 
+def test_which_linears_convert_default_blocks_from_any_container_or_named_prefixes():
+    """By default the linears of the transformer's blocks, whether the quantizer is given the transformer or a
+    module that holds it (the world model: converting it used to fall back to every linear, controls included,
+    so a weight-bytes figure measured that way was not the evaluated model's); ``modules`` takes one prefix or
+    several; a module without transformer blocks is an error that names the option."""
+    from biwm.quant.nvfp4 import NVFP4FakeQuantLinear
+
+    def converted(module, **options):
+        quantizer(**options).convert(module, training=True)
+        return sorted(name for name, m in module.named_modules() if isinstance(m, NVFP4FakeQuantLinear))
+
+    on_transformer = converted(tiny_world().backbone.trainable())
+    on_world = converted(tiny_world())
+    assert len(on_transformer) == 20 and all(name.startswith("blocks.") for name in on_transformer)
+    assert on_world == [f"backbone.transformer.{name}" for name in on_transformer]  # no control, no embedder
+    several = converted(tiny_world().backbone.trainable(), modules=["blocks.0.", "condition_embedder.time_proj"])
+    assert several == [n for n in on_transformer if n.startswith("blocks.0.")] + ["condition_embedder.time_proj"]
+    with pytest.raises(ValueError, match=r"no repeated transformer blocks.*options\.modules"):
+        quantizer().convert(torch.nn.Sequential(torch.nn.Linear(16, 16)), training=True)
+
+
 def test_training_form_and_torchao_inference_form_give_the_same_outputs():
     original = tiny_world()
     window = _window(original)

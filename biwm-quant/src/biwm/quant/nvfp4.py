@@ -44,9 +44,10 @@ class NVFP4Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
     scheme: Literal["w4a16", "w4a4"] = Field(
         "w4a16", description="w4a16: NVFP4 weights, inputs in the layer's dtype; w4a4: inputs rounded to NVFP4 too")
-    modules: str | None = Field(
-        None, description="convert the linear layers whose name starts with this ('' for all); default: those "
-                          "inside the transformer's repeated blocks (diffusers' _repeated_blocks)")
+    modules: str | list[str] | None = Field(
+        None, description="convert the linear layers whose name starts with this ('' for all), or with any of "
+                          "these prefixes; default: those inside the transformer's repeated blocks (diffusers' "
+                          "_repeated_blocks)")
     emulate: Literal["auto", "always", "never"] = Field(
         "auto", description="w4a4 only: emulate where no NVFP4 GEMM exists (auto, with a warning), always, or "
                             "never (then a GPU before sm100 is an error)")
@@ -147,10 +148,16 @@ class NVFP4:
 
     def _targets(self, module: nn.Module) -> list[tuple[str, nn.Linear]]:
         if self.options.modules is not None:
-            prefixes = [self.options.modules]
+            modules = self.options.modules
+            prefixes = [modules] if isinstance(modules, str) else list(modules)
         else:
-            blocks = set(getattr(module, "_repeated_blocks", None) or ())
-            prefixes = [f"{name}." for name, m in module.named_modules() if type(m).__name__ in blocks] or [""]
+            # the repeated blocks of every diffusers model inside (the transformer, or a world model that holds it)
+            blocks = {b for m in module.modules() for b in (getattr(m, "_repeated_blocks", None) or ())}
+            prefixes = [f"{name}." for name, m in module.named_modules() if type(m).__name__ in blocks]
+            if not prefixes:
+                raise ValueError(f"quantizer nvfp4: {type(module).__name__} has no repeated transformer blocks "
+                                 "(diffusers' _repeated_blocks) to convert; name the layers with options.modules "
+                                 "('' for every linear)")
         return [(name, m) for name, m in module.named_modules()
                 if isinstance(m, nn.Linear) and name.startswith(tuple(prefixes))
                 and m.in_features % 16 == 0 and m.out_features % 16 == 0]
