@@ -15,10 +15,16 @@ import torch
 ARMS = {"bf16": "bf16/metrics.json", "nvfp4_ptq": "nvfp4_ptq/metrics.json",
         "nvfp4_qat": "nvfp4_qat/evaluate/metrics.json"}
 # read when present (docs/results/quant.md has their commands): the QAT recipe without quantisation (what the same
-# DMD continuation does to the unquantised student) and the QAT recipe at a tenth of the learning rate
-EXTRA = {"bf16_same_dmd": "bf16_dmd60/evaluate/metrics.json", "nvfp4_qat_lr1e-5": "nvfp4_qat_lr1e-5/evaluate/metrics.json",
+# DMD continuation does to the unquantised student), and the QAT recipe at other learning rates (the recipe's own is 3e-6)
+EXTRA = {"bf16_same_dmd": "bf16_dmd60/evaluate/metrics.json",
+         "nvfp4_qat_lr1e-4": "nvfp4_qat_lr1e-4/evaluate/metrics.json",
+         "bf16_same_dmd_lr1e-4": "bf16_dmd60_lr1e-4/evaluate/metrics.json",
+         "nvfp4_qat_lr1e-5": "nvfp4_qat_lr1e-5/evaluate/metrics.json",
          "bf16_same_dmd_lr1e-5": "bf16_dmd60_lr1e-5/evaluate/metrics.json",
          "nvfp4_qat_lr1e-5_self_distill": "nvfp4_qat_lr1e-5_sd/evaluate/metrics.json"}
+# the main arms evaluated again with another noise seed (evaluate.seed=1), read when present: "evaluation_seed_1"
+SEED1 = {"bf16": "seed1/bf16/metrics.json", "nvfp4_ptq": "seed1/nvfp4_ptq/metrics.json",
+         "nvfp4_qat": "seed1/nvfp4_qat/metrics.json"}
 # post-training NVFP4 on more of the transformer than its blocks (model.quantize.options.modules), read when present:
 # what each more module costs in quality and saves in bytes
 MODULE_SETS = {"nvfp4_ptq_blocks_time_proj": ("nvfp4_ptq_blocks_time_proj/metrics.json",
@@ -69,13 +75,17 @@ def main() -> None:
     for r in result.values():
         r["weight_bytes_ratio"] = nbytes["bf16"] / r["weight_bytes"]
     result["weight_bytes_ratio"] = nbytes["bf16"] / nbytes["nvfp4"]  # the evaluated NVFP4 arms' (the blocks')
+    seed1 = {name: arm(runs / rel, nbytes["nvfp4" if name.startswith("nvfp4") else "bf16"])
+             for name, rel in SEED1.items() if (runs / rel).is_file()}
+    if seed1:
+        result["evaluation_seed_1"] = seed1
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out.with_suffix(".json"))
     print("| arm | chunk-1 PSNR dB | over copy-last-frame dB | PSNR per chunk dB | IDM | sharpness | weight bytes |\n"
           "|---|---|---|---|---|---|---|")
     for name, r in result.items():
-        if isinstance(r, dict):
+        if isinstance(r, dict) and "psnr" in r:
             chunks = ", ".join(f"{v:.2f}" for v in r["psnr_per_chunk"])
             print(f"| {name} | {r['psnr']:.2f} | +{r['chunk1_margin_db']:.2f} | {chunks} | {100 * r['idm_accuracy']:.1f}% | {r['sharpness']:.2f} | "
                   f"{r['weight_bytes']:,} (÷{r['weight_bytes_ratio']:.2f}) |")
